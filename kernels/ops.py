@@ -1,0 +1,525 @@
+"""Public pack / unpack / reassembly ops and their pure-torch references.
+
+Every op checks its inputs, then either runs the pure-torch path (the default for CPU tensors)
+or builds one segment table and launches the Triton kernel once (the default for CUDA tensors).
+``impl="triton"`` forces the kernel; on CPU tensors that needs ``TRITON_INTERPRET=1`` set before
+``pipepack.kernels`` is imported (the tests do this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _copy
+from .layout import SUPPORTED_DTYPES, Layout, plan_layout
+
+__all__ = [
+    "pack",
+    "unpack",
+    "unpack_into",
+    "reassemble",
+    "reassemble_into",
+    "pack_reference",
+    "unpack_into_reference",
+    "reassemble_reference",
+    "clear_plan_cache",
+]
+
+_PLANS = _copy.PlanCache()
+
+
+def clear_plan_cache() -> None:
+    """Drops cached segment tables (they hold device memory and raw pointers)."""
+    _PLANS.clear()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _name(names: Sequence[str] | None, i: int) -> str:
+    return f"entry {i}" if names is None else f"key {names[i]!r}"
+
+
+def _common_device(
+    tensors: Sequence[torch.Tensor], names: Sequence[str] | None, what: str
+) -> torch.device | None:
+    device = None
+    first = -1
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{_name(names, i)}: {what} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if device is None:
+            device, first = t.device, i
+        elif t.device != device:
+            raise ValueError(
+                f"{_name(names, i)}: {what} is on {t.device} but "
+                f"{_name(names, first)} is on {device}; one call moves one device's "
+                "tensors"
+            )
+    return device
+
+
+def _check_buffer(
+    buf: torch.Tensor, nbytes: int, align: int, what: str, device: torch.device | None
+) -> None:
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(buf).__name__}")
+    if buf.dtype != torch.uint8:
+        raise TypeError(f"{what} must be torch.uint8, got {buf.dtype}")
+    if buf.dim() != 1 or (buf.numel() > 1 and buf.stride(0) != 1):
+        raise ValueError(
+            f"{what} must be a contiguous 1-D byte tensor, got shape "
+            f"{tuple(buf.shape)} stride {tuple(buf.stride())}"
+        )
+    if buf.numel() < nbytes:
+        raise ValueError(f"{what} holds {buf.numel()} bytes but the layout needs {nbytes}")
+    if buf.data_ptr() % align:
+        raise ValueError(f"{what} address {buf.data_ptr():#x} is not {align}-byte aligned")
+    if device is not None and buf.device != device:
+        raise ValueError(f"{what} is on {buf.device} but the tensors are on {device}")
+
+
+def _check_matches(
+    tensors: Sequence[torch.Tensor], layout: Layout, names: Sequence[str] | None
+) -> None:
+    if len(tensors) != len(layout.entries):
+        raise ValueError(
+            f"got {len(tensors)} tensors for a layout of {len(layout.entries)} entries"
+        )
+    for i, (t, e) in enumerate(zip(tensors, layout.entries)):
+        if t.dtype != e.dtype:
+            raise TypeError(
+                f"{_name(names, i)}: dtype {t.dtype} does not match the layout's {e.dtype}"
+            )
+        if tuple(t.shape) != e.shape:
+            raise ValueError(
+                f"{_name(names, i)}: shape {tuple(t.shape)} does not match the layout's {e.shape}"
+            )
+
+
+def _check_dtypes(tensors: Sequence[torch.Tensor], names: Sequence[str] | None) -> None:
+    for i, t in enumerate(tensors):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{_name(names, i)}: unsupported dtype {t.dtype}")
+
+
+def _check_outs(
+    outs: Sequence[torch.Tensor], layout: Layout, names: Sequence[str] | None
+) -> torch.device | None:
+    if len(outs) != len(layout.entries):
+        raise ValueError(
+            f"got {len(outs)} destinations for a layout of {len(layout.entries)} entries"
+        )
+    device = _common_device(outs, names, "destination")
+    for i, (o, e) in enumerate(zip(outs, layout.entries)):
+        if o.dtype != e.dtype:
+            raise TypeError(
+                f"{_name(names, i)}: destination dtype {o.dtype} does not match {e.dtype}"
+            )
+        shape = tuple(o.shape)
+        fits = shape == e.shape or (
+            len(shape) == len(e.shape)
+            and len(shape) > 0
+            and shape[1:] == e.shape[1:]
+            and shape[0] >= e.shape[0]
+        )
+        if not fits:
+            raise ValueError(
+                f"{_name(names, i)}: destination shape {shape} cannot hold "
+                f"{e.shape} (dims after the first must match, the first may be "
+                "larger)"
+            )
+    return device
+
+
+def _pick_impl(impl: str | None, device: torch.device | None) -> str:
+    if impl is None:
+        return "triton" if device is not None and device.type == "cuda" else "torch"
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"impl must be 'torch', 'triton' or None, got {impl!r}")
+    if impl == "triton" and (device is None or device.type == "cpu") and not _copy.INTERPRETED:
+        raise RuntimeError(
+            "the Triton path on CPU tensors needs TRITON_INTERPRET=1 set before "
+            "pipepack.kernels is imported"
+        )
+    return impl
+
+
+def _region(buf: torch.Tensor, offset: int) -> int:
+    return buf.data_ptr() + offset
+
+
+# ----------------------------------------------------------------------------- pack
+
+
+def pack(
+    tensors: Sequence[torch.Tensor],
+    *,
+    out: torch.Tensor | None = None,
+    layout: Layout | None = None,
+    impl: str | None = None,
+    names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Copies every tensor into one 1-D uint8 buffer of ``layout.nbytes`` bytes.
+
+    On CUDA this is one kernel launch for all tensors; strided sources (transposed, step slices,
+    stride-0 expands) are gathered by the kernel, with no ``.contiguous()`` copy first. The
+    copy is enqueued on the current stream and nothing synchronises the device. Bytes between
+    entries (alignment padding) are left as they were in ``out``.
+
+    ``out``, when given, must be a contiguous uint8 tensor of at least ``layout.nbytes`` bytes,
+    ``layout.align``-aligned; the returned tensor is its first ``layout.nbytes`` bytes.
+    ``names`` label the entries in error messages (pass the dict keys).
+    """
+    tensors = list(tensors)
+    device = _common_device(tensors, names, "tensor")
+    _check_dtypes(tensors, names)
+    if layout is None:
+        layout = plan_layout(tensors)
+    else:
+        _check_matches(tensors, layout, names)
+    if out is None:
+        out = torch.empty(
+            layout.nbytes, dtype=torch.uint8, device=device if device is not None else "cpu"
+        )
+    else:
+        _check_buffer(out, layout.nbytes, layout.align, "out", device)
+    out = out[: layout.nbytes]
+    if _pick_impl(impl, device or out.device) == "torch":
+        for t, e in zip(tensors, layout.entries):
+            if e.nbytes:
+                out[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
+        return out
+    key = ("pack", layout, out.data_ptr(), *((t.data_ptr(), t.stride()) for t in tensors))
+    _plan(
+        key,
+        out.device,
+        lambda: [
+            (t, _copy.View.of(t), _copy.View.flat(_region(out, e.offset)), e, False)
+            for t, e in zip(tensors, layout.entries)
+        ],
+    ).launch()
+    return out
+
+
+def pack_reference(tensors: Sequence[torch.Tensor], layout: Layout | None = None) -> torch.Tensor:
+    """What :func:`pack` computes, the obvious way: ``torch.cat`` of byte views, padded."""
+    tensors = list(tensors)
+    layout = layout or plan_layout(tensors)
+    device = tensors[0].device if tensors else "cpu"
+    parts = []
+    pos = 0
+    for t, e in zip(tensors, layout.entries):
+        if e.offset > pos:
+            parts.append(torch.zeros(e.offset - pos, dtype=torch.uint8, device=device))
+        parts.append(t.contiguous().reshape(-1).view(torch.uint8))
+        pos = e.offset + e.nbytes
+    if layout.nbytes > pos:
+        parts.append(torch.zeros(layout.nbytes - pos, dtype=torch.uint8, device=device))
+    if not parts:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- unpack
+
+
+def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Zero-copy views of ``buffer``, one per entry, with the entry's dtype and shape.
+
+    The views share ``buffer``'s storage: they stay valid as long as nobody writes the buffer
+    again (a receive into the same buffer overwrites them).
+    """
+    _check_buffer(buffer, layout.nbytes, 1, "buffer", None)
+    if buffer.data_ptr() % layout.align:
+        raise ValueError(
+            f"buffer address {buffer.data_ptr():#x} is not {layout.align}-byte "
+            "aligned, so its slices cannot be viewed as their dtypes"
+        )
+    return [
+        buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout.entries
+    ]
+
+
+def unpack_into(
+    buffer: torch.Tensor,
+    layout: Layout,
+    outs: Sequence[torch.Tensor],
+    *,
+    impl: str | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Copies every entry of ``buffer`` into caller-owned ``outs`` in one launch (on CUDA).
+
+    Destinations may be strided (e.g. CUDA-graph static inputs, a column slice of a larger
+    tensor). A destination may be larger than its entry in dim 0 only: the entry then lands in
+    ``outs[i][:n]`` (``n`` = the entry's leading size) and the rows after it are left untouched,
+    so a static buffer sized for the largest batch can take every smaller one; the caller keeps
+    track of ``n`` (it is ``layout.entries[i].shape[0]``). Other dims and the dtype must match.
+    """
+    outs = list(outs)
+    device = _check_outs(outs, layout, names)
+    _check_buffer(buffer, layout.nbytes, layout.align, "buffer", device)
+    views = [
+        o if tuple(o.shape) == e.shape else o[: e.shape[0]] for o, e in zip(outs, layout.entries)
+    ]
+    if _pick_impl(impl, buffer.device) == "torch":
+        for v, src in zip(views, unpack(buffer, layout)):
+            if v.numel():
+                v.copy_(src)
+        return
+    key = ("unpack", layout, buffer.data_ptr(), *((v.data_ptr(), v.stride()) for v in views))
+    _plan(
+        key,
+        buffer.device,
+        lambda: [
+            (v, _copy.View.flat(_region(buffer, e.offset)), _copy.View.of(v), e, True)
+            for v, e in zip(views, layout.entries)
+        ],
+    ).launch()
+
+
+def unpack_into_reference(
+    buffer: torch.Tensor, layout: Layout, outs: Sequence[torch.Tensor]
+) -> None:
+    """What :func:`unpack_into` computes, one ``copy_`` per entry."""
+    for o, e in zip(outs, layout.entries):
+        src = buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+        (o if tuple(o.shape) == e.shape else o[: e.shape[0]]).copy_(src)
+
+
+# ----------------------------------------------------------------------------- reassembly
+
+
+def _check_gathered(
+    gathered: torch.Tensor,
+    layout: Layout,
+    sliced: Sequence[bool] | None,
+    part: torch.Tensor | None,
+    device: torch.device | None,
+) -> tuple[int, tuple[bool, ...], Layout]:
+    if (
+        not isinstance(gathered, torch.Tensor)
+        or gathered.dtype != torch.uint8
+        or gathered.dim() != 2
+    ):
+        raise TypeError("gathered must be a [world, slice_bytes] torch.uint8 tensor")
+    world = gathered.shape[0]
+    flags = layout._slice_flags(world, sliced)
+    part_layout = layout.sliced(world, flags)
+    need = layout.sliced_nbytes(world, flags)
+    if gathered.shape[1] != need:
+        raise ValueError(
+            f"gathered rows hold {gathered.shape[1]} bytes but the sliced entries "
+            f"need {need} per rank"
+        )
+    if not gathered.is_contiguous() or gathered.data_ptr() % layout.align:
+        raise ValueError(f"gathered must be contiguous and {layout.align}-byte aligned")
+    if device is not None and gathered.device != device:
+        raise ValueError(f"gathered is on {gathered.device} but the destinations are on {device}")
+    if not all(flags):
+        if part is None:
+            raise ValueError(
+                "some entries are not sliced: pass part=, this rank's part buffer "
+                "that holds them whole"
+            )
+        _check_buffer(part, part_layout.nbytes, layout.align, "part", gathered.device)
+    return world, flags, part_layout
+
+
+def reassemble(
+    gathered: torch.Tensor,
+    layout: Layout,
+    *,
+    sliced: Sequence[bool] | None = None,
+    part: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> list[torch.Tensor]:
+    """Rebuilds full tensors after one all-gather of TP-sliced payloads, in one launch.
+
+    Each rank ``r`` of a group of ``W`` held ``t.reshape(W, -1)[r]`` of every sliced entry, packed
+    by ``layout.sliced(W, sliced)``; ``gathered[r]`` is rank ``r``'s sliced prefix (so
+    ``gathered`` is ``[W, layout.sliced_nbytes(W, sliced)]``). Entries with ``sliced[i] = False``
+    were sent whole and are read from this rank's own ``part`` buffer. Returns zero-copy views of
+    one new buffer laid out by ``layout`` (or of ``out``).
+    """
+    world, flags, part_layout = _check_gathered(gathered, layout, sliced, part, None)
+    if out is None:
+        out = torch.empty(layout.nbytes, dtype=torch.uint8, device=gathered.device)
+    else:
+        _check_buffer(out, layout.nbytes, layout.align, "out", gathered.device)
+    out = out[: layout.nbytes]
+    views = unpack(out, layout)
+    dsts = [_copy.View.flat(out.data_ptr() + e.offset) for e in layout.entries]
+    _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl)
+    return views
+
+
+def reassemble_into(
+    gathered: torch.Tensor,
+    layout: Layout,
+    outs: Sequence[torch.Tensor],
+    *,
+    sliced: Sequence[bool] | None = None,
+    part: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> None:
+    """Like :func:`reassemble`, but into caller-owned (possibly strided) destinations.
+
+    Destinations follow :func:`unpack_into`'s rules (a larger dim 0 takes ``outs[i][:n]``).
+    """
+    outs = list(outs)
+    device = _check_outs(outs, layout, None)
+    world, flags, part_layout = _check_gathered(gathered, layout, sliced, part, device)
+    views = [
+        o if tuple(o.shape) == e.shape else o[: e.shape[0]] for o, e in zip(outs, layout.entries)
+    ]
+    dsts = [_copy.View.of(v) for v in views]
+    _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl)
+
+
+def _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl) -> None:
+    if _pick_impl(impl, gathered.device) == "torch":
+        full = reassemble_reference(gathered, layout, sliced=flags, part=part)
+        for v, f in zip(views, full):
+            if v.numel():
+                v.copy_(f)
+        return
+    key = (
+        "reassemble",
+        layout,
+        flags,
+        gathered.data_ptr(),
+        None if part is None else part.data_ptr(),
+        *((d.ptr, d.strides) for d in dsts),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts)
+        if not plan.after:
+            _PLANS.put(key, plan)
+    plan.launch()
+
+
+def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) -> _copy.Plan:
+    """W pieces per sliced entry (rank r's slice lands at logical offset r * numel / W), one
+    piece per whole entry (from this rank's part)."""
+    world, row_bytes = gathered.shape
+    n_sliced = sum(flags)
+    part_entries = iter(part_layout.entries[:n_sliced])
+    whole_entries = iter(part_layout.entries[n_sliced:])
+    rows: list[list[int]] = []
+    keep: list[torch.Tensor] = []
+    after: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for e, f, dst, v in zip(layout.entries, flags, dsts, views):
+        if e.numel == 0:
+            continue
+        if f:
+            pe = next(part_entries)
+            pieces = [
+                (
+                    gathered.data_ptr() + r * row_bytes + pe.offset,
+                    r * (e.numel // world),
+                    e.numel // world,
+                )
+                for r in range(world)
+            ]
+        else:
+            pe = next(whole_entries)
+            pieces = [(part.data_ptr() + pe.offset, 0, e.numel)]
+        entry_rows = []
+        for ptr, start, n in pieces:
+            r = _copy.segment_rows(
+                _copy.View.flat(ptr),
+                _copy.View(dst.ptr, dst.sizes, dst.strides, start),
+                n,
+                e.dtype.itemsize,
+            )
+            if r is None:
+                break
+            entry_rows.extend(r)
+        else:
+            rows.extend(entry_rows)
+            continue
+        # destination the kernel cannot address: stage contiguously, copy after the launch
+        staged = torch.empty(e.shape, dtype=e.dtype, device=gathered.device)
+        keep.append(staged)
+        after.append((v, staged))
+        for ptr, start, n in pieces:
+            rows.extend(
+                _copy.segment_rows(
+                    _copy.View.flat(ptr),
+                    _copy.View.flat(staged.data_ptr(), start),
+                    n,
+                    e.dtype.itemsize,
+                )
+            )
+    return _copy.build_plan(rows, gathered.device, keep=keep, after=after)
+
+
+def reassemble_reference(
+    gathered: torch.Tensor,
+    layout: Layout,
+    *,
+    sliced: Sequence[bool] | None = None,
+    part: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """What :func:`reassemble` computes: ``torch.cat`` of every rank's slice, per entry."""
+    world = gathered.shape[0]
+    flags = layout._slice_flags(world, sliced)
+    part_layout = layout.sliced(world, flags)
+    n_sliced = sum(flags)
+    out = []
+    k_s, k_w = 0, n_sliced
+    for e, f in zip(layout.entries, flags):
+        if f:
+            pe = part_layout.entries[k_s]
+            k_s += 1
+            rows = gathered[:, pe.offset : pe.offset + pe.nbytes].reshape(-1)
+            out.append(rows.view(e.dtype).view(e.shape).clone())
+        else:
+            pe = part_layout.entries[k_w]
+            k_w += 1
+            out.append(part[pe.offset : pe.offset + pe.nbytes].view(e.dtype).view(e.shape).clone())
+    return out
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _plan(key: tuple, device: torch.device, pieces_fn) -> _copy.Plan:
+    """The cached segment table for ``key``, built from ``pieces_fn()`` on a miss.
+
+    ``pieces_fn`` yields ``(tensor, src view, dst view, entry, is_dst)`` where ``tensor`` is the
+    caller's strided side (the source for pack, the destination for unpack_into). A tensor the
+    kernel cannot address (more than four non-mergeable dims) is gathered or staged with torch:
+    correct, one extra copy, and such plans are not cached.
+    """
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    rows: list[list[int]] = []
+    keep: list[torch.Tensor] = []
+    after: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for t, src, dst, e, is_dst in pieces_fn():
+        r = _copy.segment_rows(src, dst, e.numel, e.dtype.itemsize)
+        if r is None:
+            staged = torch.empty(e.shape, dtype=e.dtype, device=device)
+            if is_dst:
+                after.append((t, staged))
+                dst = _copy.View.of(staged)
+            else:
+                staged.copy_(t)
+                src = _copy.View.of(staged)
+            keep.append(staged)
+            r = _copy.segment_rows(src, dst, e.numel, e.dtype.itemsize)
+        rows.extend(r)
+    plan = _copy.build_plan(rows, device, keep=keep, after=after)
+    if not keep:
+        _PLANS.put(key, plan)
+    return plan

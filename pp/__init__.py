@@ -1,0 +1,1 @@
+"""Async pipeline-parallel transport: one header and one payload per stage hop."""
