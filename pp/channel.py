@@ -1,0 +1,676 @@
+"""A tensor-dict channel to one peer: one header and one payload per device type per hop.
+
+Sender: validate and encode everything first (bad input fails before a byte is sent), pack
+each device type's tensors into one buffer (one kernel launch on CUDA), post the header and the
+payload sends back to back, and hand the sends to a background reaper, so ``isend`` never waits
+for the peer and the caller may overwrite its tensors as soon as it returns.
+
+Receiver: receive the fixed-size header slot, validate it, allocate one buffer per device type
+of exactly the announced size, post its receives, and hand out zero-copy views. With a
+:class:`Declared` schema there is no header at all: the payload receive is posted at once and a
+16-byte fingerprint at the front of the payload is checked against what was declared.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import struct
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipepack.kernels import Layout, pack, reassemble, unpack, unpack_into
+
+from . import transport, wire
+from .transport import REAPER, Handle
+
+__all__ = ["TensorDictChannel", "Declared", "PendingRecv", "DEFAULT_SLOT_BYTES",
+           "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_SLOT_BYTES = 16 * 1024 + 1024
+# gloo moves a 32 MiB payload faster as several messages in flight than as one (DESIGN.md);
+# CPU payloads above this size are packed and sent in chunks of this size, overlapping the two.
+DEFAULT_CHUNK_BYTES = 4 << 20
+_FP_MAGIC = 0x4B505050  # "PPPK"
+_FP = struct.Struct("<IIII")  # magic, schema hash, tokens, seq  (16 bytes)
+_INLINE_HEADROOM = 512
+
+
+def _default_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return dist.group.WORLD if group is None else group
+
+
+def _plain_ok(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"tensor dict keys must be str, got {key!r} ({type(key).__name__})")
+    return key
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one device type contributes to a hop."""
+
+    device_type: str
+    keys: tuple[str, ...]
+    layout: Layout  # full tensors, in key order
+    sliced: tuple[bool, ...]  # per key: TP-sliced on the wire
+    wire_layout: Layout  # what travels: Layout.sliced(W, flags) when any is sliced
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A schema fixed for the run, so a hop needs no header message at all.
+
+    ``fields`` maps each key, in order, to either a ``(dtype, shape, device_type)`` triple whose
+    shape may hold ``None`` in dim 0 (the token count, given per call) or a constant plain value
+    (``__msg_type__`` and the like, checked on send and restored on receive).
+    """
+
+    fields: tuple[tuple[str, Any], ...]
+
+    @staticmethod
+    def from_example(example: Mapping[str, Any], *, dynamic: Sequence[str] | None = None
+                     ) -> Declared:
+        """Declares ``example``'s keys, dtypes, devices and trailing dims.
+
+        Dim 0 of the tensors named in ``dynamic`` (default: every tensor with a dim) is the
+        per-call token count; plain values are constants.
+        """
+        fields = []
+        for k, v in example.items():
+            _plain_ok(k)
+            if isinstance(v, torch.Tensor):
+                dyn = v.dim() > 0 and (dynamic is None or k in dynamic)
+                shape = ((None,) + tuple(v.shape[1:])) if dyn else tuple(v.shape)
+                fields.append((k, (v.dtype, shape, v.device.type)))
+            else:
+                fields.append((k, v))
+        return Declared(tuple(fields))
+
+    def is_tensor(self, spec: Any) -> bool:
+        return (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[0], torch.dtype))
+
+
+class PendingRecv:
+    """A posted receive. ``wait()`` returns the tensor dict.
+
+    The dict's tensors are zero-copy views of one buffer per device type, owned by this
+    receive: they stay valid until the caller drops them (nothing reuses the buffer).
+    """
+
+    def __init__(self, resolve: Callable[[float | None], tuple[dict, list[Handle], list]],
+                 future: concurrent.futures.Future | None = None,
+                 after: Callable[[dict], None] | None = None) -> None:
+        self._resolve = resolve
+        self._future = future
+        self._after = after
+        self._result: dict | None = None
+        self._posted: tuple[dict, list[Handle], list] | None = None
+
+    def _posted_now(self, timeout: float | None) -> tuple[dict, list[Handle], list]:
+        if self._posted is None:
+            if self._future is not None:
+                self._posted = self._future.result(timeout)
+            else:
+                self._posted = self._resolve(timeout)
+        return self._posted
+
+    def wait(self, timeout: float | None = None) -> dict:
+        if self._result is None:
+            d, handles, post = self._posted_now(timeout)
+            for h in handles:
+                h.wait(timeout)
+            for fn in post:
+                fn()
+            if self._after is not None:
+                self._after(d)
+            self._result = d
+        return self._result
+
+    def wait_into(self, outs: Mapping[str, torch.Tensor], timeout: float | None = None) -> dict:
+        """Waits, then copies the tensors named in ``outs`` into those caller-owned buffers.
+
+        One launch per device type (``pipepack.kernels.unpack_into``): static CUDA-graph inputs
+        take the payload directly; the returned dict holds ``outs``' tensors for those keys.
+        """
+        d = self.wait(timeout)
+        by_dev: dict[torch.device, list[str]] = {}
+        for k in outs:
+            if k not in d or not isinstance(d[k], torch.Tensor):
+                raise KeyError(f"key {k!r}: not a tensor of the received dict")
+            by_dev.setdefault(d[k].device, []).append(k)
+        for keys in by_dev.values():
+            srcs = [d[k] for k in keys]
+            layout = Layout.from_specs([(t.dtype, t.shape) for t in srcs])
+            buf = pack(srcs, layout=layout)  # contiguous already: the pack is one copy
+            unpack_into(buf, layout, [outs[k] for k in keys], names=keys)
+        for k in outs:
+            v = outs[k]
+            n = d[k].shape[0] if d[k].dim() and tuple(v.shape) != tuple(d[k].shape) else None
+            d[k] = v if n is None else v[:n]
+        return d
+
+    def is_completed(self) -> bool:
+        if self._result is not None:
+            return True
+        if self._future is not None and not self._future.done():
+            return False
+        if self._posted is None and self._future is None:
+            return False
+        d, handles, _ = self._posted_now(None)
+        return all(h.is_completed() for h in handles)
+
+
+class TensorDictChannel:
+    """Sends and receives tensor dicts to and from one peer, in order (FIFO), many in flight.
+
+    ``peer`` is a rank within ``group`` (default: the world). ``cpu_group`` (gloo) carries the
+    header and CPU tensors; it defaults to ``group`` when that is a gloo group. CUDA tensors go
+    over ``group``. With ``all_gather_group`` of size W > 1, every tensor the group can carry
+    whose numel divides by W (and that ``all_gather_tensors`` does not map to False) travels as
+    its rank slice ``t.reshape(W, -1)[rank]`` and is rebuilt on the receiver with one all-gather
+    and one reassembly launch. Both ends of a channel must use the same ``slot_bytes``,
+    ``chunk_bytes`` and ``declared``.
+
+    ``irecv()`` returns at once: with ``declared`` the payload receive is already posted; without
+    it a progress thread receives the header and posts the payload receive while the caller
+    computes.
+    """
+
+    def __init__(
+        self,
+        peer: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        cpu_group: dist.ProcessGroup | None = None,
+        all_gather_group: dist.ProcessGroup | None = None,
+        all_gather_tensors: Mapping[str, bool] | None = None,
+        declared: Declared | None = None,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        allow_pickle: bool = False,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+        timeout: float | None = None,
+    ) -> None:
+        self.group = _default_group(group)
+        if cpu_group is None:
+            if transport.backend_of(self.group) != "gloo":
+                raise ValueError("cpu_group (a gloo group) is required when group is not gloo: "
+                                 "it carries the header and CPU tensors")
+            cpu_group = self.group
+        self.cpu_group = cpu_group
+        self.peer = peer
+        self.peer_global = dist.get_global_rank(self.group, peer)
+        self.cpu_peer_global = self.peer_global
+        self.all_gather_group = all_gather_group
+        self.all_gather_tensors = dict(all_gather_tensors or {})
+        self.declared = declared
+        self.slot_bytes = slot_bytes
+        if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % 16):
+            raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.allow_pickle = allow_pickle
+        self.limits = limits
+        self.timeout = timeout
+        self._send_seq = itertools.count()
+        self._recv_seq = itertools.count()
+        self._sent_schemas: dict[int, wire.Schema] = {}
+        self._recv_schemas: dict[int, wire.Schema] = {}
+        self._schema_of: dict[tuple, wire.Schema] = {}
+        self._send_failure: Handle | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pending_checks: list[tuple[torch.Tensor, Any, int, int]] = []
+        W = 1 if all_gather_group is None else dist.get_world_size(all_gather_group)
+        self._tp_world = W
+        self._tp_rank = 0 if all_gather_group is None else dist.get_rank(all_gather_group)
+        self._tp_device = None
+        if W > 1:
+            self._tp_device = "cpu" if transport.backend_of(all_gather_group) == "gloo" else "cuda"
+        self._declared_schemas: dict[tuple, wire.Schema] = {}
+
+    # ------------------------------------------------------------------ send
+
+    def isend(self, tensor_dict: Mapping[str, Any]) -> list[Handle]:
+        """Posts the hop and returns at once; the handles complete when the peer received it."""
+        self._raise_send_failure()
+        if not isinstance(tensor_dict, Mapping):
+            raise TypeError(f"expected a dict of tensors and plain values, got "
+                            f"{type(tensor_dict).__name__}")
+        tensors: dict[str, torch.Tensor] = {}
+        values: list[Any] = []
+        for k, v in tensor_dict.items():
+            _plain_ok(k)
+            if isinstance(v, torch.Tensor):
+                tensors[k] = v
+            else:
+                values.append(v)
+        tokens = self._check_declared(tensor_dict) if self.declared is not None else 0
+        sliced_keys = frozenset(k for k, t in tensors.items()
+                                if self._is_sliced(k, t.device.type, t.numel()))
+        schema = self._schema(tensor_dict, sliced_keys)
+        shapes = tuple(tuple(tensors[f.key].shape) for f in schema.tensor_fields())
+        parts = self._parts(schema, shapes)
+        payloads = []
+        for part in parts:
+            srcs = [self._wire_tensor(tensors[k], f) for k, f in zip(part.keys, part.sliced)]
+            payloads.append((part, self._wire_order(srcs, part.sliced)))
+        seq = next(self._send_seq)
+        what = f"send #{seq} to rank {self.peer_global}"
+
+        if self.declared is not None:  # no header: a fingerprint leads each payload
+            prefix = self._fingerprint(schema, tokens, seq)
+            works, keep = [], []
+            for part, srcs in payloads:
+                w, k = self._send_payload(srcs, part, prefix=prefix)
+                works += w
+                keep += k
+            return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
+
+        # header path: pack first (the copy is taken before isend returns), encode, then post
+        sid = schema.schema_id()
+        need_schema = sid not in self._sent_schemas
+        cpu_buf = None
+        inline = None
+        for part, srcs in payloads:
+            if part.device_type == "cpu" and \
+                    part.wire_layout.nbytes <= self.slot_bytes - _INLINE_HEADROOM:
+                cpu_buf = pack(srcs, layout=part.wire_layout, names=self._wire_names(part))
+                inline = cpu_buf.numpy().tobytes()
+        header = wire.Header(
+            schema_id=sid, schema=schema if need_schema else None, shapes=shapes,
+            values=tuple(values),
+            payload_nbytes={p.device_type: p.wire_layout.nbytes for p in parts},
+            inline=inline, seq=seq,
+        )
+        slot, overflow = wire.encode_header(header, slot_bytes=self.slot_bytes,
+                                            allow_pickle=self.allow_pickle, limits=self.limits)
+        if overflow is not None and inline is not None:
+            # the plain values need the room: the CPU payload travels as its own message
+            inline = None
+            header = dataclasses.replace(header, inline=None)
+            slot, overflow = wire.encode_header(header, slot_bytes=self.slot_bytes,
+                                                allow_pickle=self.allow_pickle,
+                                                limits=self.limits)
+        # nothing can fail past this point but the transport itself
+        if need_schema:
+            wire.cache_schema(self._sent_schemas, schema)
+        keep: list[Any] = [torch.frombuffer(bytearray(slot), dtype=torch.uint8)]
+        if overflow is not None:
+            keep.append(torch.frombuffer(bytearray(overflow), dtype=torch.uint8))
+        works = [transport.isend(t, self.peer_global, self.cpu_group, transport.HEADER_TAG)
+                 for t in keep]
+        for part, srcs in payloads:
+            if part.device_type == "cpu" and inline is not None:
+                continue
+            w, k = self._send_payload(srcs, part,
+                                      prepacked=cpu_buf if part.device_type == "cpu" else None)
+            works += w
+            keep += k
+        return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
+
+    def send(self, tensor_dict: Mapping[str, Any]) -> None:
+        """Like :meth:`isend`; returns without waiting for the peer either (the reaper does)."""
+        self.isend(tensor_dict)
+
+    def _track(self, handle: Handle) -> Handle:
+        def done(h: Handle) -> None:
+            if h.error is not None:
+                self._send_failure = h
+        REAPER.add(handle, done)
+        return handle
+
+    def _raise_send_failure(self) -> None:
+        failed = self._send_failure
+        if failed is not None:
+            raise RuntimeError(f"an earlier {failed._what} failed: {failed.error}") \
+                from failed.error
+
+    def _is_sliced(self, key: str, device_type: str, numel: int) -> bool:
+        """The TP rule: sliced when the all-gather group can carry it and numel divides by W."""
+        return (self._tp_world > 1 and device_type == self._tp_device and numel > 0
+                and numel % self._tp_world == 0 and self.all_gather_tensors.get(key, True))
+
+    def _schema(self, tensor_dict: Mapping[str, Any], sliced: frozenset[str]) -> wire.Schema:
+        key = tuple(
+            (k, v.dtype, v.dim(), v.device.type, k in sliced) if isinstance(v, torch.Tensor)
+            else (k,)
+            for k, v in tensor_dict.items()
+        )
+        schema = self._schema_of.get(key)
+        if schema is None:
+            schema = wire.Schema.from_dict(tensor_dict, sliced=sliced)
+            if len(self._schema_of) > 256:
+                self._schema_of.clear()
+            self._schema_of[key] = schema
+        return schema
+
+    def _parts(self, schema: wire.Schema, shapes: Sequence[tuple[int, ...]]) -> list[_Part]:
+        by_dev: dict[str, list[tuple[wire.TensorField, tuple[int, ...]]]] = {}
+        for f, shape in zip(schema.tensor_fields(), shapes):
+            by_dev.setdefault(f.device_type, []).append((f, shape))
+        parts = []
+        for dev, items in by_dev.items():
+            layout = Layout.from_specs([(f.dtype, shape) for f, shape in items])
+            flags = tuple(f.sliced for f, _ in items)
+            wire_layout = layout.sliced(self._tp_world, flags) if any(flags) else layout
+            parts.append(_Part(dev, tuple(f.key for f, _ in items), layout, flags, wire_layout))
+        return parts
+
+    def _wire_tensor(self, t: torch.Tensor, sliced: bool) -> torch.Tensor:
+        if not sliced:
+            return t
+        return t.reshape(self._tp_world, -1)[self._tp_rank]
+
+    @staticmethod
+    def _wire_order(srcs: list[torch.Tensor], flags: tuple[bool, ...]) -> list[torch.Tensor]:
+        if not any(flags):
+            return srcs
+        return [t for t, f in zip(srcs, flags) if f] + [t for t, f in zip(srcs, flags) if not f]
+
+    @staticmethod
+    def _wire_names(part: _Part) -> list[str]:
+        if not any(part.sliced):
+            return list(part.keys)
+        return ([k for k, f in zip(part.keys, part.sliced) if f]
+                + [k for k, f in zip(part.keys, part.sliced) if not f])
+
+    def _chunks(self, nbytes: int, device_type: str) -> list[tuple[int, int]]:
+        c = self.chunk_bytes if device_type == "cpu" else None
+        if c is None or nbytes <= c:
+            return [(0, nbytes)]
+        return [(s, min(s + c, nbytes)) for s in range(0, nbytes, c)]
+
+    def _send_payload(self, srcs: list[torch.Tensor], part: _Part, *, prefix: bytes = b"",
+                      prepacked: torch.Tensor | None = None) -> tuple[list[Any], list[Any]]:
+        """Packs one device type's payload (after an optional prefix) and posts its sends."""
+        layout = part.wire_layout
+        names = self._wire_names(part)
+        grp = self.cpu_group if part.device_type == "cpu" else self.group
+        p = len(prefix)
+        total = p + layout.nbytes
+        if total == 0:
+            return [], []
+        chunks = self._chunks(total, part.device_type)
+        if prepacked is not None and not p:
+            buf = prepacked
+        else:
+            device = srcs[0].device if srcs else torch.device(part.device_type)
+            buf = torch.empty(total, dtype=torch.uint8, device=device)
+            if p:
+                buf[:p].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8),
+                              non_blocking=True)
+        if len(chunks) == 1:
+            if buf is not prepacked:
+                pack(srcs, out=buf[p:], layout=layout, names=names)
+            return [transport.isend(buf, self.peer_global, grp, transport.PAYLOAD_TAG)], [buf]
+        # large CPU payload: copy chunk i+1 while gloo sends chunk i
+        flat = []
+        for t, e, name in zip(srcs, layout.entries, names):
+            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+                raise ValueError(f"key {name!r}: tensor does not match its layout entry")
+            flat.append(t.contiguous().reshape(-1).view(torch.uint8) if e.nbytes else None)
+        works = []
+        ei = 0
+        entries = layout.entries
+        for s, end in chunks:
+            lo_b, hi_b = s - p, end - p  # the chunk in payload coordinates
+            while ei < len(entries) and entries[ei].offset + entries[ei].nbytes <= lo_b:
+                ei += 1
+            j = ei
+            while j < len(entries) and entries[j].offset < hi_b:
+                e = entries[j]
+                lo, hi = max(lo_b, e.offset), min(hi_b, e.offset + e.nbytes)
+                if hi > lo:
+                    buf[p + lo : p + hi].copy_(flat[j][lo - e.offset : hi - e.offset])
+                j += 1
+            works.append(transport.isend(buf[s:end], self.peer_global, grp,
+                                         transport.PAYLOAD_TAG))
+        return works, [buf]
+
+    # ------------------------------------------------------------------ declared (no header)
+
+    def _check_declared(self, tensor_dict: Mapping[str, Any]) -> int:
+        """Checks a dict against the declaration (naming the key); returns its token count."""
+        fields = self.declared.fields
+        keys = list(tensor_dict.keys())
+        if keys != [k for k, _ in fields]:
+            raise ValueError(f"keys {keys} do not match the declared keys "
+                             f"{[k for k, _ in fields]}")
+        tokens = None
+        for k, spec in fields:
+            v = tensor_dict[k]
+            if self.declared.is_tensor(spec):
+                dtype, shape, dev = spec
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"key {k!r}: declared a tensor, got {type(v).__name__}")
+                if v.dtype != dtype or v.device.type != dev or v.dim() != len(shape):
+                    raise ValueError(f"key {k!r}: {v.dtype} {tuple(v.shape)} on {v.device.type} "
+                                     f"does not match the declared {dtype} {shape} on {dev}")
+                for i, (a, b) in enumerate(zip(v.shape, shape)):
+                    if b is None:
+                        if tokens is None:
+                            tokens = a
+                        elif a != tokens:
+                            raise ValueError(f"key {k!r}: dim {i} is {a} but another key has "
+                                             f"{tokens} tokens")
+                    elif a != b:
+                        raise ValueError(f"key {k!r}: shape {tuple(v.shape)} does not match the "
+                                         f"declared {shape}")
+            elif not (type(v) is type(spec) and v == spec):
+                raise ValueError(f"key {k!r}: value {v!r} differs from the declared constant "
+                                 f"{spec!r}")
+        return 0 if tokens is None else tokens
+
+    def _declared_header(self, tokens: int) -> wire.Header:
+        """The header both ends can derive from the declaration and the token count."""
+        fields, shapes, values = [], [], []
+        for k, spec in self.declared.fields:
+            if self.declared.is_tensor(spec):
+                dtype, shape, dev = spec
+                shape = tuple(tokens if s is None else s for s in shape)
+                numel = 1
+                for s_ in shape:
+                    numel *= s_
+                fields.append(wire.TensorField(k, dtype, len(shape), dev,
+                                               self._is_sliced(k, dev, numel)))
+                shapes.append(shape)
+            else:
+                fields.append(wire.PlainField(k))
+                values.append(spec)
+        schema = self._declared_schemas.get(tuple(fields))
+        if schema is None:
+            schema = wire.Schema(tuple(fields))
+            if len(self._declared_schemas) > 64:
+                self._declared_schemas.clear()
+            self._declared_schemas[tuple(fields)] = schema
+        parts = self._parts(schema, shapes)
+        return wire.Header(schema.schema_id(), schema, tuple(shapes), tuple(values),
+                           {p.device_type: p.wire_layout.nbytes for p in parts})
+
+    @staticmethod
+    def _fingerprint(schema: wire.Schema, tokens: int, seq: int) -> bytes:
+        return _FP.pack(_FP_MAGIC, schema.schema_id() & 0xFFFFFFFF, tokens & 0xFFFFFFFF,
+                        seq & 0xFFFFFFFF)
+
+    def _post_declared(self, tokens: int | None) -> tuple[dict, list[Handle], list]:
+        if tokens is None or tokens < 0:
+            raise ValueError("a declared channel's irecv needs num_tokens (the leading size)")
+        header = self._declared_header(tokens)
+        seq = next(self._recv_seq)
+        want = self._fingerprint(header.schema, tokens, seq)
+        return self._post_from_header(header, seq, fingerprint=want)
+
+    def _check_fingerprint(self, got: bytes, want: bytes, seq: int) -> None:
+        if got != want:
+            g = _FP.unpack(got)
+            w = _FP.unpack(want)
+            raise ValueError(
+                f"declared layout mismatch on receive #{seq} from rank {self.peer_global}: the "
+                f"payload carries (magic {g[0]:#x}, schema {g[1]:#x}, tokens {g[2]}, seq {g[3]}) "
+                f"but this side expected (magic {w[0]:#x}, schema {w[1]:#x}, tokens {w[2]}, "
+                f"seq {w[3]}); both ends must declare the same schema and token count")
+
+    def _run_pending_checks(self, block: bool) -> None:
+        keep = []
+        for host, ev, want, seq in self._pending_checks:
+            if block:
+                ev.synchronize()
+            if ev.query():
+                self._check_fingerprint(host.numpy().tobytes(), want, seq)
+            else:
+                keep.append((host, ev, want, seq))
+        self._pending_checks = keep
+
+    def verify(self) -> None:
+        """Blocks until every declared CUDA payload's fingerprint has been checked."""
+        self._run_pending_checks(block=True)
+
+    # ------------------------------------------------------------------ receive
+
+    def irecv(self, num_tokens: int | None = None) -> PendingRecv:
+        """Posts the next receive and returns at once; ``wait()`` on the result gives the dict."""
+        if self._pending_checks:
+            self._run_pending_checks(block=False)
+        if self.declared is not None:
+            posted = self._post_declared(num_tokens)
+            return PendingRecv(lambda _t: posted)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"pipepack-recv-{self.peer_global}")
+        return PendingRecv(lambda _t: None, self._executor.submit(self.irecv_posted))
+
+    def recv(self, num_tokens: int | None = None) -> dict:
+        return self.irecv(num_tokens).wait()
+
+    def irecv_posted(self) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
+        """Receives the header (blocking) and posts the payload receives: vLLM's async shape."""
+        if self.declared is not None:
+            raise RuntimeError("irecv_posted is the header path; this channel is declared")
+        seq = next(self._recv_seq)
+        header = self._recv_header(seq)
+        return self._post_from_header(header, seq)
+
+    def _recv_header(self, seq: int) -> wire.Header:
+        where = f"receive #{seq} from rank {self.peer_global}"
+        slot = torch.empty(self.slot_bytes, dtype=torch.uint8)
+        self._wait(transport.irecv(slot, self.cpu_peer_global, self.cpu_group,
+                                   transport.HEADER_TAG), f"header of {where}")
+        raw = slot.numpy().tobytes()
+        header, ov_len = wire.decode_header(raw, slot_bytes=self.slot_bytes, limits=self.limits,
+                                            allow_pickle=self.allow_pickle,
+                                            schema_cache=self._recv_schemas)
+        if header is None:
+            ov = torch.empty(ov_len, dtype=torch.uint8)
+            self._wait(transport.irecv(ov, self.cpu_peer_global, self.cpu_group,
+                                       transport.HEADER_TAG), f"header overflow of {where}")
+            header, _ = wire.decode_header(raw, ov.numpy().tobytes(), slot_bytes=self.slot_bytes,
+                                           limits=self.limits, allow_pickle=self.allow_pickle,
+                                           schema_cache=self._recv_schemas)
+        return header
+
+    def _wait(self, work: Any, what: str) -> None:
+        Handle([work], what=what, timeout=self.timeout).wait()
+
+    def _post_from_header(self, header: wire.Header, seq: int, fingerprint: bytes = b""
+                          ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
+        """Checks the header against its own shapes, allocates and posts the payload receives."""
+        schema = header.schema
+        for f in schema.tensor_fields():
+            if f.sliced and (self._tp_world <= 1 or f.device_type != self._tp_device):
+                raise ValueError(f"key {f.key!r}: the sender sliced it for an all-gather but this "
+                                 "receiver has no matching all_gather_group")
+        parts = self._parts(schema, header.shapes)
+        announced = dict(header.payload_nbytes)
+        for p in parts:
+            n = announced.pop(p.device_type, None)
+            if n != p.wire_layout.nbytes:
+                raise ValueError(f"receive #{seq} from rank {self.peer_global}: the header "
+                                 f"announces {n} bytes for the {p.device_type} payload, its "
+                                 f"shapes need {p.wire_layout.nbytes}")
+            if n > self.limits.max_payload_bytes:
+                raise ValueError(f"{p.device_type} payload of {n} bytes exceeds the limit "
+                                 f"{self.limits.max_payload_bytes}")
+        if announced:
+            raise ValueError(f"header announces payloads {sorted(announced)} with no tensors")
+        views: dict[str, torch.Tensor] = {}
+        handles: list[Handle] = []
+        post: list[Callable[[], None]] = []
+        out: dict[str, Any] = {}
+        prefixes = []
+        for p in parts:
+            if p.device_type == "cpu" and header.inline is not None:
+                if len(header.inline) != p.wire_layout.nbytes:
+                    raise ValueError("inline CPU payload size differs from its layout")
+                buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8)
+                if len(header.inline):
+                    buf.copy_(torch.frombuffer(bytearray(header.inline), dtype=torch.uint8))
+            else:
+                buf, h = self._post_payload_recv(p.device_type, len(fingerprint) +
+                                                 p.wire_layout.nbytes)
+                if h is not None:
+                    handles.append(h)
+                if fingerprint:
+                    prefixes.append(buf[: len(fingerprint)])
+                    buf = buf[len(fingerprint):]
+            views.update(zip(self._wire_names(p), unpack(buf, p.wire_layout)))
+            if any(p.sliced):
+                post.append(self._reassembler(out, p, buf))
+        if fingerprint:
+            post.insert(0, lambda: self._verify(prefixes, fingerprint, seq))
+        values = iter(header.values)
+        for f in schema.fields:
+            out[f.key] = views[f.key] if isinstance(f, wire.TensorField) else next(values)
+        return out, handles, post
+
+    def _post_payload_recv(self, device_type: str, nbytes: int
+                           ) -> tuple[torch.Tensor, Handle | None]:
+        if device_type == "cpu":
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            grp = self.cpu_group
+        else:
+            dev = torch.device(device_type, torch.cuda.current_device()) \
+                if device_type == "cuda" else torch.device(device_type)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+            grp = self.group
+        if nbytes == 0:
+            return buf, None
+        works = [transport.irecv(buf[s:e], self.peer_global, grp, transport.PAYLOAD_TAG)
+                 for s, e in self._chunks(nbytes, device_type)]
+        return buf, Handle(works, [buf], what=f"payload from rank {self.peer_global}",
+                           timeout=self.timeout)
+
+    def _verify(self, prefixes: list[torch.Tensor], want: bytes, seq: int) -> None:
+        """Checks each payload's fingerprint: at once for CPU, deferred (no sync) for CUDA."""
+        for fp in prefixes:
+            if fp.device.type == "cpu":
+                self._check_fingerprint(fp.numpy().tobytes(), want, seq)
+            else:
+                host = torch.empty(len(want), dtype=torch.uint8, pin_memory=True)
+                host.copy_(fp, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                self._pending_checks.append((host, ev, want, seq))
+        self._run_pending_checks(block=False)
+
+    def _reassembler(self, out: dict, p: _Part, part_buf: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            W = self._tp_world
+            n = p.layout.sliced_nbytes(W, p.sliced)
+            gathered = torch.empty((W, n), dtype=torch.uint8, device=part_buf.device)
+            transport.all_gather_into(gathered, part_buf[:n], self.all_gather_group)
+            full = reassemble(gathered, p.layout, sliced=p.sliced, part=part_buf)
+            out.update(zip(p.keys, full))
+        return run
+
+    def close(self) -> None:
+        """Stops the progress thread (pending receives finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
