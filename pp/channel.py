@@ -14,7 +14,6 @@ of exactly the announced size, post its receives, and hand out zero-copy views. 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import struct
 import threading
@@ -39,7 +38,6 @@ DEFAULT_SLOT_BYTES = 16 * 1024 + 1024
 DEFAULT_CHUNK_BYTES = 4 << 20
 _FP_MAGIC = 0x4B505050  # "PPPK"
 _FP = struct.Struct("<IIII")  # magic, schema hash, tokens, seq  (16 bytes)
-_INLINE_HEADROOM = 512
 
 
 def _default_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -234,6 +232,9 @@ class TensorDictChannel:
         if W > 1:
             self._tp_device = "cpu" if transport.backend_of(all_gather_group) == "gloo" else "cuda"
         self._declared_schemas: dict[tuple, wire.Schema] = {}
+        self.inline_cap = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        self._send_head = 0  # inline payload room of the next head message, both directions
+        self._recv_head = 0
 
     # ------------------------------------------------------------------ send
 
@@ -265,55 +266,69 @@ class TensorDictChannel:
         what = f"send #{seq} to rank {self.peer_global}"
 
         if self.declared is not None:  # no header: a fingerprint leads each payload
-            prefix = self._fingerprint(schema, tokens, seq)
+            fp = self._fingerprint(schema, tokens, seq)
             works, keep = [], []
             for part, srcs in payloads:
-                w, k = self._send_payload(srcs, part, prefix=prefix)
-                works += w
-                keep += k
+                total = len(fp) + part.wire_layout.nbytes
+                buf = self._buffer(srcs, part.device_type, total)
+                buf[: len(fp)].copy_(torch.frombuffer(bytearray(fp), dtype=torch.uint8),
+                                     non_blocking=True)
+                grp = self.cpu_group if part.device_type == "cpu" else self.group
+                msgs = [(s_, e_, transport.PAYLOAD_TAG)
+                        for s_, e_ in self._chunks(0, total, part.device_type)]
+                works += self._pack_and_post(srcs, part, buf, len(fp), msgs, grp)
+                keep.append(buf)
             return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
 
-        # header path: pack first (the copy is taken before isend returns), encode, then post
+        # header path: encode (may raise: nothing sent yet), pack, then post head + the rest
         sid = schema.schema_id()
         need_schema = sid not in self._sent_schemas
-        cpu_buf = None
-        inline = None
-        for part, srcs in payloads:
-            if part.device_type == "cpu" and \
-                    part.wire_layout.nbytes <= self.slot_bytes - _INLINE_HEADROOM:
-                cpu_buf = pack(srcs, layout=part.wire_layout, names=self._wire_names(part))
-                inline = cpu_buf.numpy().tobytes()
         header = wire.Header(
             schema_id=sid, schema=schema if need_schema else None, shapes=shapes,
             values=tuple(values),
-            payload_nbytes={p.device_type: p.wire_layout.nbytes for p in parts},
-            inline=inline, seq=seq,
+            payload_nbytes={p.device_type: p.wire_layout.nbytes for p in parts}, seq=seq,
         )
         slot, overflow = wire.encode_header(header, slot_bytes=self.slot_bytes,
                                             allow_pickle=self.allow_pickle, limits=self.limits)
-        if overflow is not None and inline is not None:
-            # the plain values need the room: the CPU payload travels as its own message
-            inline = None
-            header = dataclasses.replace(header, inline=None)
-            slot, overflow = wire.encode_header(header, slot_bytes=self.slot_bytes,
-                                                allow_pickle=self.allow_pickle,
-                                                limits=self.limits)
+        S, h = self.slot_bytes, self._send_head
+        cpu = next(((part, srcs) for part, srcs in payloads if part.device_type == "cpu"), None)
+        P = cpu[0].wire_layout.nbytes if cpu else 0
+        head = torch.empty(S + max(h, P), dtype=torch.uint8)
+        head[:S].copy_(torch.frombuffer(bytearray(slot), dtype=torch.uint8))
+        if P < h:
+            head[S + P : S + h].zero_()
         # nothing can fail past this point but the transport itself
         if need_schema:
             wire.cache_schema(self._sent_schemas, schema)
-        keep: list[Any] = [torch.frombuffer(bytearray(slot), dtype=torch.uint8)]
+        self._send_head = self._next_head(P)
+        keep: list[Any] = [head]
+        works = []
+        msgs = [(0, S + h, transport.HEADER_TAG)]
         if overflow is not None:
-            keep.append(torch.frombuffer(bytearray(overflow), dtype=torch.uint8))
-        works = [transport.isend(t, self.peer_global, self.cpu_group, transport.HEADER_TAG)
-                 for t in keep]
+            ov = torch.frombuffer(bytearray(overflow), dtype=torch.uint8)
+            keep.append(ov)
+            msgs.append((ov, None, transport.HEADER_TAG))
+        msgs += [(s_, e_, transport.PAYLOAD_TAG) for s_, e_ in self._chunks(S + h, S + P, "cpu")]
+        if cpu is not None:
+            works += self._pack_and_post(cpu[1], cpu[0], head, S, msgs, self.cpu_group)
+        else:
+            works += self._pack_and_post([], None, head, S, msgs, self.cpu_group)
         for part, srcs in payloads:
-            if part.device_type == "cpu" and inline is not None:
+            if part.device_type == "cpu" or part.wire_layout.nbytes == 0:
                 continue
-            w, k = self._send_payload(srcs, part,
-                                      prepacked=cpu_buf if part.device_type == "cpu" else None)
-            works += w
-            keep += k
+            buf = self._buffer(srcs, part.device_type, part.wire_layout.nbytes)
+            works += self._pack_and_post(srcs, part, buf, 0,
+                                         [(0, buf.numel(), transport.PAYLOAD_TAG)], self.group)
+            keep.append(buf)
         return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
+
+    def _next_head(self, cpu_payload_nbytes: int) -> int:
+        """Inline room of the next head message: this hop's CPU payload size, capped.
+
+        Both ends derive it from the hop they just exchanged, so the receiver can post a head
+        receive of the exact size; in steady state (same shapes) a CPU hop is one message.
+        """
+        return min(-(-cpu_payload_nbytes // 16) * 16, self.inline_cap)
 
     def send(self, tensor_dict: Mapping[str, Any]) -> None:
         """Like :meth:`isend`; returns without waiting for the peer either (the reaper does)."""
@@ -381,58 +396,54 @@ class TensorDictChannel:
         return ([k for k, f in zip(part.keys, part.sliced) if f]
                 + [k for k, f in zip(part.keys, part.sliced) if not f])
 
-    def _chunks(self, nbytes: int, device_type: str) -> list[tuple[int, int]]:
+    def _chunks(self, start: int, end: int, device_type: str) -> list[tuple[int, int]]:
+        """The payload messages covering bytes [start, end) of a buffer (none when empty)."""
         c = self.chunk_bytes if device_type == "cpu" else None
-        if c is None or nbytes <= c:
-            return [(0, nbytes)]
-        return [(s, min(s + c, nbytes)) for s in range(0, nbytes, c)]
+        if end <= start:
+            return []
+        if c is None:
+            return [(start, end)]
+        return [(s, min(s + c, end)) for s in range(start, end, c)]
 
-    def _send_payload(self, srcs: list[torch.Tensor], part: _Part, *, prefix: bytes = b"",
-                      prepacked: torch.Tensor | None = None) -> tuple[list[Any], list[Any]]:
-        """Packs one device type's payload (after an optional prefix) and posts its sends."""
-        layout = part.wire_layout
-        names = self._wire_names(part)
-        grp = self.cpu_group if part.device_type == "cpu" else self.group
-        p = len(prefix)
-        total = p + layout.nbytes
-        if total == 0:
-            return [], []
-        chunks = self._chunks(total, part.device_type)
-        if prepacked is not None and not p:
-            buf = prepacked
-        else:
-            device = srcs[0].device if srcs else torch.device(part.device_type)
-            buf = torch.empty(total, dtype=torch.uint8, device=device)
-            if p:
-                buf[:p].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8),
-                              non_blocking=True)
-        if len(chunks) == 1:
-            if buf is not prepacked:
-                pack(srcs, out=buf[p:], layout=layout, names=names)
-            return [transport.isend(buf, self.peer_global, grp, transport.PAYLOAD_TAG)], [buf]
-        # large CPU payload: copy chunk i+1 while gloo sends chunk i
+    @staticmethod
+    def _buffer(srcs: list[torch.Tensor], device_type: str, nbytes: int) -> torch.Tensor:
+        device = srcs[0].device if srcs else torch.device(device_type)
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def _pack_and_post(self, srcs: list[torch.Tensor], part: _Part | None, buf: torch.Tensor,
+                       p: int, msgs: list[tuple[Any, Any, int]], grp: Any) -> list[Any]:
+        """Packs ``srcs`` into ``buf[p:]`` and posts one send per message, in order.
+
+        A message is ``(start, end, tag)`` over ``buf`` or ``(tensor, None, tag)``. With one
+        message holding payload bytes the pack is one call (one launch on CUDA); with several
+        (a large CPU payload) each message's bytes are copied just before it is posted, so the
+        copy of one chunk overlaps the send of the ones before it.
+        """
+        layout = part.wire_layout if part is not None else None
+        n = layout.nbytes if layout is not None else 0
+        with_payload = [m for m in msgs if m[1] is not None and m[0] < p + n and m[1] > p]
+        progressive = len(with_payload) > 1
+        if n and not progressive:
+            pack(srcs, out=buf[p : p + n], layout=layout, names=self._wire_names(part))
         flat = []
-        for t, e, name in zip(srcs, layout.entries, names):
-            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
-                raise ValueError(f"key {name!r}: tensor does not match its layout entry")
-            flat.append(t.contiguous().reshape(-1).view(torch.uint8) if e.nbytes else None)
+        if progressive:
+            for t, e, name in zip(srcs, layout.entries, self._wire_names(part)):
+                if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+                    raise ValueError(f"key {name!r}: tensor does not match its layout entry")
+                flat.append(t.contiguous().reshape(-1).view(torch.uint8) if e.nbytes else None)
         works = []
-        ei = 0
-        entries = layout.entries
-        for s, end in chunks:
-            lo_b, hi_b = s - p, end - p  # the chunk in payload coordinates
-            while ei < len(entries) and entries[ei].offset + entries[ei].nbytes <= lo_b:
-                ei += 1
-            j = ei
-            while j < len(entries) and entries[j].offset < hi_b:
-                e = entries[j]
-                lo, hi = max(lo_b, e.offset), min(hi_b, e.offset + e.nbytes)
-                if hi > lo:
-                    buf[p + lo : p + hi].copy_(flat[j][lo - e.offset : hi - e.offset])
-                j += 1
-            works.append(transport.isend(buf[s:end], self.peer_global, grp,
-                                         transport.PAYLOAD_TAG))
-        return works, [buf]
+        for start, end, tag in msgs:
+            if end is None:
+                works.append(transport.isend(start, self.peer_global, grp, tag))
+                continue
+            if progressive:
+                for j, e in enumerate(layout.entries):
+                    lo = max(start, p + e.offset)
+                    hi = min(end, p + e.offset + e.nbytes)
+                    if hi > lo:
+                        buf[lo:hi].copy_(flat[j][lo - p - e.offset : hi - p - e.offset])
+            works.append(transport.isend(buf[start:end], self.peer_global, grp, tag))
+        return works
 
     # ------------------------------------------------------------------ declared (no header)
 
@@ -554,33 +565,40 @@ class TensorDictChannel:
         if self.declared is not None:
             raise RuntimeError("irecv_posted is the header path; this channel is declared")
         seq = next(self._recv_seq)
-        header = self._recv_header(seq)
-        return self._post_from_header(header, seq)
+        header, head = self._recv_header(seq)
+        return self._post_from_header(header, seq, head=head)
 
-    def _recv_header(self, seq: int) -> wire.Header:
+    def _recv_header(self, seq: int) -> tuple[wire.Header, torch.Tensor]:
+        """Receives the head message (header slot + inline CPU payload) and any overflow."""
         where = f"receive #{seq} from rank {self.peer_global}"
-        slot = torch.empty(self.slot_bytes, dtype=torch.uint8)
-        self._wait(transport.irecv(slot, self.cpu_peer_global, self.cpu_group,
+        S = self.slot_bytes
+        head = torch.empty(S + self._recv_head, dtype=torch.uint8)
+        self._wait(transport.irecv(head, self.peer_global, self.cpu_group,
                                    transport.HEADER_TAG), f"header of {where}")
-        raw = slot.numpy().tobytes()
-        header, ov_len = wire.decode_header(raw, slot_bytes=self.slot_bytes, limits=self.limits,
+        raw = head[:S].numpy().tobytes()
+        header, ov_len = wire.decode_header(raw, slot_bytes=S, limits=self.limits,
                                             allow_pickle=self.allow_pickle,
                                             schema_cache=self._recv_schemas)
         if header is None:
             ov = torch.empty(ov_len, dtype=torch.uint8)
-            self._wait(transport.irecv(ov, self.cpu_peer_global, self.cpu_group,
+            self._wait(transport.irecv(ov, self.peer_global, self.cpu_group,
                                        transport.HEADER_TAG), f"header overflow of {where}")
-            header, _ = wire.decode_header(raw, ov.numpy().tobytes(), slot_bytes=self.slot_bytes,
+            header, _ = wire.decode_header(raw, ov.numpy().tobytes(), slot_bytes=S,
                                            limits=self.limits, allow_pickle=self.allow_pickle,
                                            schema_cache=self._recv_schemas)
-        return header
+        return header, head
 
     def _wait(self, work: Any, what: str) -> None:
         Handle([work], what=what, timeout=self.timeout).wait()
 
-    def _post_from_header(self, header: wire.Header, seq: int, fingerprint: bytes = b""
+    def _post_from_header(self, header: wire.Header, seq: int, *, fingerprint: bytes = b"",
+                          head: torch.Tensor | None = None
                           ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
-        """Checks the header against its own shapes, allocates and posts the payload receives."""
+        """Checks the header against its own shapes, allocates and posts the payload receives.
+
+        ``head`` is the received head message (header path): the CPU payload's first bytes
+        are in it. ``fingerprint`` (declared path) leads each payload and is checked on wait.
+        """
         schema = header.schema
         for f in schema.tensor_fields():
             if f.sliced and (self._tp_world <= 1 or f.device_type != self._tp_device):
@@ -599,37 +617,48 @@ class TensorDictChannel:
                                  f"{self.limits.max_payload_bytes}")
         if announced:
             raise ValueError(f"header announces payloads {sorted(announced)} with no tensors")
+        if head is not None:
+            cpu_bytes = next((p.wire_layout.nbytes for p in parts if p.device_type == "cpu"), 0)
+            h, self._recv_head = self._recv_head, self._next_head(cpu_bytes)
         views: dict[str, torch.Tensor] = {}
         handles: list[Handle] = []
         post: list[Callable[[], None]] = []
         out: dict[str, Any] = {}
         prefixes = []
+        fp = len(fingerprint)
         for p in parts:
-            if p.device_type == "cpu" and header.inline is not None:
-                if len(header.inline) != p.wire_layout.nbytes:
-                    raise ValueError("inline CPU payload size differs from its layout")
-                buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8)
-                if len(header.inline):
-                    buf.copy_(torch.frombuffer(bytearray(header.inline), dtype=torch.uint8))
+            n = p.wire_layout.nbytes
+            if head is not None and p.device_type == "cpu":
+                S = self.slot_bytes
+                if n <= h:  # all of it came inline: views of the head buffer
+                    buf = head[S : S + n]
+                else:
+                    buf = torch.empty(n, dtype=torch.uint8)
+                    buf[:h].copy_(head[S : S + h])
+                    works = [transport.irecv(buf[s - S : e - S], self.peer_global,
+                                             self.cpu_group, transport.PAYLOAD_TAG)
+                             for s, e in self._chunks(S + h, S + n, "cpu")]
+                    handles.append(Handle(works, [buf], timeout=self.timeout,
+                                          what=f"payload of receive #{seq} from rank "
+                                               f"{self.peer_global}"))
             else:
-                buf, h = self._post_payload_recv(p.device_type, len(fingerprint) +
-                                                 p.wire_layout.nbytes)
-                if h is not None:
-                    handles.append(h)
-                if fingerprint:
-                    prefixes.append(buf[: len(fingerprint)])
-                    buf = buf[len(fingerprint):]
+                buf, hd = self._post_payload_recv(p.device_type, fp + n, seq)
+                if hd is not None:
+                    handles.append(hd)
+                if fp:
+                    prefixes.append(buf[:fp])
+                    buf = buf[fp:]
             views.update(zip(self._wire_names(p), unpack(buf, p.wire_layout)))
             if any(p.sliced):
                 post.append(self._reassembler(out, p, buf))
-        if fingerprint:
+        if fp:
             post.insert(0, lambda: self._verify(prefixes, fingerprint, seq))
         values = iter(header.values)
         for f in schema.fields:
             out[f.key] = views[f.key] if isinstance(f, wire.TensorField) else next(values)
         return out, handles, post
 
-    def _post_payload_recv(self, device_type: str, nbytes: int
+    def _post_payload_recv(self, device_type: str, nbytes: int, seq: int
                            ) -> tuple[torch.Tensor, Handle | None]:
         if device_type == "cpu":
             buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -639,12 +668,12 @@ class TensorDictChannel:
                 if device_type == "cuda" else torch.device(device_type)
             buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
             grp = self.group
-        if nbytes == 0:
-            return buf, None
         works = [transport.irecv(buf[s:e], self.peer_global, grp, transport.PAYLOAD_TAG)
-                 for s, e in self._chunks(nbytes, device_type)]
-        return buf, Handle(works, [buf], what=f"payload from rank {self.peer_global}",
-                           timeout=self.timeout)
+                 for s, e in self._chunks(0, nbytes, device_type)]
+        if not works:
+            return buf, None
+        return buf, Handle(works, [buf], timeout=self.timeout,
+                           what=f"payload of receive #{seq} from rank {self.peer_global}")
 
     def _verify(self, prefixes: list[torch.Tensor], want: bytes, seq: int) -> None:
         """Checks each payload's fingerprint: at once for CPU, deferred (no sync) for CUDA."""

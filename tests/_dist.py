@@ -7,12 +7,14 @@ import os
 import tempfile
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
 def _entry(rank: int, world: int, init_file: str, fn, args, timeout_s: float, errdir: str):
     try:
+        torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
