@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,14 @@ class Layout:
     nbytes: int
     align: int = 16
 
+    def __hash__(self) -> int:
+        # layouts key every plan cache lookup: hash the entries once, not on every call
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.entries, self.nbytes, self.align))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -105,16 +114,11 @@ class Layout:
         whole, so the sliced bytes form one prefix that a single all-gather can carry;
         ``sliced_nbytes(...)`` is that prefix's size.
         """
-        flags = self._slice_flags(world_size, sliced)
-        specs = [(e.dtype, (e.numel // world_size,)) for e, f in zip(self.entries, flags) if f]
-        specs += [(e.dtype, e.shape) for e, f in zip(self.entries, flags) if not f]
-        return Layout.from_specs(specs, align=self.align)
+        return _sliced(self, world_size, self._slice_flags(world_size, sliced))[0]
 
     def sliced_nbytes(self, world_size: int, sliced: Sequence[bool] | None = None) -> int:
         """Bytes of the sliced prefix of :meth:`sliced`: what one rank puts into the all-gather."""
-        flags = self._slice_flags(world_size, sliced)
-        specs = [(e.dtype, (e.numel // world_size,)) for e, f in zip(self.entries, flags) if f]
-        return Layout.from_specs(specs, align=self.align).nbytes
+        return _sliced(self, world_size, self._slice_flags(world_size, sliced))[1]
 
     def _slice_flags(self, world_size: int, sliced: Sequence[bool] | None) -> tuple[bool, ...]:
         if world_size < 1:
@@ -128,6 +132,16 @@ class Layout:
                     f"entry {i}: numel {e.numel} is not divisible by world size {world_size}"
                 )
         return flags
+
+
+@functools.lru_cache(maxsize=1024)
+def _sliced(layout: Layout, world_size: int, flags: tuple[bool, ...]) -> tuple[Layout, int]:
+    """(part layout, sliced prefix bytes), memoised: TP receivers ask every step."""
+    sl = [(e.dtype, (e.numel // world_size,)) for e, f in zip(layout.entries, flags) if f]
+    whole = [(e.dtype, e.shape) for e, f in zip(layout.entries, flags) if not f]
+    part = Layout.from_specs(sl + whole, align=layout.align)
+    prefix = Layout.from_specs(sl, align=layout.align).nbytes
+    return part, prefix
 
 
 def plan_layout(tensors: Sequence[torch.Tensor], *, align: int = 16) -> Layout:

@@ -190,9 +190,9 @@ def pack(
         _check_buffer(out, layout.nbytes, layout.align, "out", device)
     out = out[: layout.nbytes]
     if _pick_impl(impl, device or out.device) == "torch":
-        for t, e in zip(tensors, layout.entries):
-            if e.nbytes:
-                out[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
+        pairs = [(v, t) for v, t in zip(unpack(out, layout), tensors) if v.numel()]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
         return out
     key = ("pack", layout, out.data_ptr(), *((t.data_ptr(), t.stride()) for t in tensors))
     _plan(
@@ -385,15 +385,13 @@ def reassemble_into(
 
 def _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl) -> None:
     if _pick_impl(impl, gathered.device) == "torch":
-        full = reassemble_reference(gathered, layout, sliced=flags, part=part)
-        for v, f in zip(views, full):
-            if v.numel():
-                v.copy_(f)
+        _reassemble_torch(gathered, layout, flags, part, part_layout, views)
         return
     key = (
         "reassemble",
         layout,
         flags,
+        tuple(gathered.shape),
         gathered.data_ptr(),
         None if part is None else part.data_ptr(),
         *((d.ptr, d.strides) for d in dsts),
@@ -417,10 +415,10 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
     keep: list[torch.Tensor] = []
     after: list[tuple[torch.Tensor, torch.Tensor]] = []
     for e, f, dst, v in zip(layout.entries, flags, dsts, views):
+        pe = next(part_entries) if f else next(whole_entries)
         if e.numel == 0:
             continue
         if f:
-            pe = next(part_entries)
             pieces = [
                 (
                     gathered.data_ptr() + r * row_bytes + pe.offset,
@@ -430,7 +428,6 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
                 for r in range(world)
             ]
         else:
-            pe = next(whole_entries)
             pieces = [(part.data_ptr() + pe.offset, 0, e.numel)]
         entry_rows = []
         for ptr, start, n in pieces:
@@ -460,6 +457,26 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
                 )
             )
     return _copy.build_plan(rows, gathered.device, keep=keep, after=after)
+
+
+def _reassemble_torch(gathered, layout, flags, part, part_layout, views) -> None:
+    """One typed ``[W, n/W]`` block copy per sliced entry, one copy per whole entry."""
+    world = gathered.shape[0]
+    n_sliced = sum(flags)
+    sliced_entries = iter(part_layout.entries[:n_sliced])
+    whole_entries = iter(part_layout.entries[n_sliced:])
+    for e, f, v in zip(layout.entries, flags, views):
+        pe = next(sliced_entries) if f else next(whole_entries)
+        if not e.numel:
+            continue
+        if f:
+            src = gathered[:, pe.offset : pe.offset + pe.nbytes].view(e.dtype)
+            if v.is_contiguous():
+                v.view(world, -1).copy_(src)
+            else:
+                v.copy_(src.reshape(e.shape))
+        else:
+            v.copy_(part[pe.offset : pe.offset + pe.nbytes].view(e.dtype).view(e.shape))
 
 
 def reassemble_reference(
