@@ -14,6 +14,7 @@ of exactly the announced size, post its receives, and hand out zero-copy views. 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import itertools
 import struct
 import threading
@@ -59,6 +60,7 @@ class _Part:
     layout: Layout  # full tensors, in key order
     sliced: tuple[bool, ...]  # per key: TP-sliced on the wire
     wire_layout: Layout  # what travels: Layout.sliced(W, flags) when any is sliced
+    wire_names: tuple[str, ...]  # keys in wire_layout order (sliced first)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,11 @@ class TensorDictChannel:
         if W > 1:
             self._tp_device = "cpu" if transport.backend_of(all_gather_group) == "gloo" else "cuda"
         self._declared_schemas: dict[tuple, wire.Schema] = {}
+        # the fingerprint covers everything declared: keys, dtypes, devices, fixed dims, constants
+        self._declared_digest = 0 if declared is None else int.from_bytes(
+            hashlib.blake2b(repr(declared.fields).encode(), digest_size=4).digest(), "little")
+        self._recv_broken: BaseException | None = None
+        self._parts_cache: dict[tuple, list[_Part]] = {}
         self.inline_cap = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self._send_head = 0  # inline payload room of the next head message, both directions
         self._recv_head = 0
@@ -367,6 +374,18 @@ class TensorDictChannel:
         return schema
 
     def _parts(self, schema: wire.Schema, shapes: Sequence[tuple[int, ...]]) -> list[_Part]:
+        """One part per device type, memoised per (schema, shapes): decode repeats shapes."""
+        key = (schema.schema_id(), tuple(shapes))
+        parts = self._parts_cache.get(key)
+        if parts is None:
+            parts = self._plan_parts(schema, shapes)
+            if len(self._parts_cache) >= 256:
+                self._parts_cache.pop(next(iter(self._parts_cache)))
+            self._parts_cache[key] = parts
+        return parts
+
+    def _plan_parts(self, schema: wire.Schema, shapes: Sequence[tuple[int, ...]]
+                    ) -> list[_Part]:
         by_dev: dict[str, list[tuple[wire.TensorField, tuple[int, ...]]]] = {}
         for f, shape in zip(schema.tensor_fields(), shapes):
             by_dev.setdefault(f.device_type, []).append((f, shape))
@@ -375,7 +394,11 @@ class TensorDictChannel:
             layout = Layout.from_specs([(f.dtype, shape) for f, shape in items])
             flags = tuple(f.sliced for f, _ in items)
             wire_layout = layout.sliced(self._tp_world, flags) if any(flags) else layout
-            parts.append(_Part(dev, tuple(f.key for f, _ in items), layout, flags, wire_layout))
+            keys = tuple(f.key for f, _ in items)
+            names = keys if not any(flags) else (
+                tuple(k for k, f in zip(keys, flags) if f)
+                + tuple(k for k, f in zip(keys, flags) if not f))
+            parts.append(_Part(dev, keys, layout, flags, wire_layout, names))
         return parts
 
     def _wire_tensor(self, t: torch.Tensor, sliced: bool) -> torch.Tensor:
@@ -388,13 +411,6 @@ class TensorDictChannel:
         if not any(flags):
             return srcs
         return [t for t, f in zip(srcs, flags) if f] + [t for t, f in zip(srcs, flags) if not f]
-
-    @staticmethod
-    def _wire_names(part: _Part) -> list[str]:
-        if not any(part.sliced):
-            return list(part.keys)
-        return ([k for k, f in zip(part.keys, part.sliced) if f]
-                + [k for k, f in zip(part.keys, part.sliced) if not f])
 
     def _chunks(self, start: int, end: int, device_type: str) -> list[tuple[int, int]]:
         """The payload messages covering bytes [start, end) of a buffer (none when empty)."""
@@ -424,10 +440,10 @@ class TensorDictChannel:
         with_payload = [m for m in msgs if m[1] is not None and m[0] < p + n and m[1] > p]
         progressive = len(with_payload) > 1
         if n and not progressive:
-            pack(srcs, out=buf[p : p + n], layout=layout, names=self._wire_names(part))
+            pack(srcs, out=buf[p : p + n], layout=layout, names=part.wire_names)
         flat = []
         if progressive:
-            for t, e, name in zip(srcs, layout.entries, self._wire_names(part)):
+            for t, e, name in zip(srcs, layout.entries, part.wire_names):
                 if t.dtype != e.dtype or tuple(t.shape) != e.shape:
                     raise ValueError(f"key {name!r}: tensor does not match its layout entry")
                 flat.append(t.contiguous().reshape(-1).view(torch.uint8) if e.nbytes else None)
@@ -505,14 +521,14 @@ class TensorDictChannel:
         return wire.Header(schema.schema_id(), schema, tuple(shapes), tuple(values),
                            {p.device_type: p.wire_layout.nbytes for p in parts})
 
-    @staticmethod
-    def _fingerprint(schema: wire.Schema, tokens: int, seq: int) -> bytes:
-        return _FP.pack(_FP_MAGIC, schema.schema_id() & 0xFFFFFFFF, tokens & 0xFFFFFFFF,
-                        seq & 0xFFFFFFFF)
+    def _fingerprint(self, schema: wire.Schema, tokens: int, seq: int) -> bytes:
+        digest = (schema.schema_id() ^ self._declared_digest) & 0xFFFFFFFF
+        return _FP.pack(_FP_MAGIC, digest, tokens & 0xFFFFFFFF, seq & 0xFFFFFFFF)
 
     def _post_declared(self, tokens: int | None) -> tuple[dict, list[Handle], list]:
         if tokens is None or tokens < 0:
             raise ValueError("a declared channel's irecv needs num_tokens (the leading size)")
+        self._check_broken()
         header = self._declared_header(tokens)
         seq = next(self._recv_seq)
         want = self._fingerprint(header.schema, tokens, seq)
@@ -564,9 +580,21 @@ class TensorDictChannel:
         """Receives the header (blocking) and posts the payload receives: vLLM's async shape."""
         if self.declared is not None:
             raise RuntimeError("irecv_posted is the header path; this channel is declared")
+        self._check_broken()
         seq = next(self._recv_seq)
-        header, head = self._recv_header(seq)
-        return self._post_from_header(header, seq, head=head)
+        try:
+            header, head = self._recv_header(seq)
+            return self._post_from_header(header, seq, head=head)
+        except BaseException as e:
+            self._recv_broken = e
+            raise
+
+    def _check_broken(self) -> None:
+        """A failed receive leaves the rest of its hop on the wire: every later one must fail."""
+        if self._recv_broken is not None:
+            raise RuntimeError(f"the channel from rank {self.peer_global} is out of step since a "
+                               f"receive failed ({self._recv_broken!r}); recreate the process "
+                               "group to recover") from self._recv_broken
 
     def _recv_header(self, seq: int) -> tuple[wire.Header, torch.Tensor]:
         """Receives the head message (header slot + inline CPU payload) and any overflow."""
@@ -648,7 +676,7 @@ class TensorDictChannel:
                 if fp:
                     prefixes.append(buf[:fp])
                     buf = buf[fp:]
-            views.update(zip(self._wire_names(p), unpack(buf, p.wire_layout)))
+            views.update(zip(p.wire_names, unpack(buf, p.wire_layout)))
             if any(p.sliced):
                 post.append(self._reassembler(out, p, buf))
         if fp:

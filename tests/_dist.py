@@ -43,7 +43,19 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
         import time
 
         t0 = time.monotonic()
-        while not ctx.join(timeout=1):
+        crashed = None
+        while True:
+            try:
+                if ctx.join(timeout=1):
+                    break
+            except mp.ProcessExitedException as e:  # read the ranks' tracebacks below
+                crashed = e
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.join(timeout=5)
+                        if p.is_alive():
+                            p.kill()
+                break
             if time.monotonic() - t0 > deadline:
                 for p in ctx.processes:
                     p.kill()
@@ -55,3 +67,5 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
                 errors.append(f"--- rank {r} ---\n" + open(path).read())
         if errors:
             raise AssertionError("\n".join(errors))
+        if crashed is not None:
+            raise AssertionError(f"a rank died without a traceback: {crashed}")
