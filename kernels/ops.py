@@ -190,9 +190,11 @@ def pack(
         _check_buffer(out, layout.nbytes, layout.align, "out", device)
     out = out[: layout.nbytes]
     if _pick_impl(impl, device or out.device) == "torch":
-        pairs = [(v, t) for v, t in zip(unpack(out, layout), tensors) if v.numel()]
-        if pairs:
-            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+        # one same-dtype copy_ per entry: exact bits (a fused _foreach_copy_ on CUDA goes
+        # through float and rewrites NaN payloads of fp16/bf16/fp8)
+        for v, t in zip(unpack(out, layout), tensors):
+            if v.numel():
+                v.copy_(t)
         return out
     key = ("pack", layout, out.data_ptr(), *((t.data_ptr(), t.stride()) for t in tensors))
     _plan(
