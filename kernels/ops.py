@@ -8,6 +8,7 @@ or builds one segment table and launches the Triton kernel once (the default for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -242,9 +243,37 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
             f"buffer address {buffer.data_ptr():#x} is not {layout.align}-byte "
             "aligned, so its slices cannot be viewed as their dtypes"
         )
-    return [
-        buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout.entries
-    ]
+    # one as_strided per entry over one typed view per dtype: a third of the cost of
+    # slice + view + view, which matters on the receive path of every hop
+    base = buffer[: layout.nbytes]
+    byte_off = base.storage_offset()
+    typed: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
+    views = []
+    for dtype, shape, strides, offset in _view_specs(layout):
+        t = typed.get(dtype)
+        if t is None:
+            size = dtype.itemsize
+            if byte_off % size:
+                return [
+                    buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+                    for e in layout.entries
+                ]
+            t = typed[dtype] = (base.view(dtype), byte_off // size)
+        views.append(t[0].as_strided(shape, strides, t[1] + offset))
+    return views
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_specs(layout: Layout) -> tuple[tuple[torch.dtype, tuple, tuple, int], ...]:
+    specs = []
+    for e in layout.entries:
+        strides = []
+        step = 1
+        for size in reversed(e.shape):
+            strides.append(step)
+            step *= max(size, 1)
+        specs.append((e.dtype, e.shape, tuple(reversed(strides)), e.offset // e.dtype.itemsize))
+    return tuple(specs)
 
 
 def unpack_into(

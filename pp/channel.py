@@ -234,6 +234,7 @@ class TensorDictChannel:
         if W > 1:
             self._tp_device = "cpu" if transport.backend_of(all_gather_group) == "gloo" else "cuda"
         self._declared_schemas: dict[tuple, wire.Schema] = {}
+        self._declared_headers: dict[int, wire.Header] = {}
         # the fingerprint covers everything declared: keys, dtypes, devices, fixed dims, constants
         self._declared_digest = 0 if declared is None else int.from_bytes(
             hashlib.blake2b(repr(declared.fields).encode(), digest_size=4).digest(), "little")
@@ -259,11 +260,15 @@ class TensorDictChannel:
                 tensors[k] = v
             else:
                 values.append(v)
-        tokens = self._check_declared(tensor_dict) if self.declared is not None else 0
-        sliced_keys = frozenset(k for k, t in tensors.items()
-                                if self._is_sliced(k, t.device.type, t.numel()))
-        schema = self._schema(tensor_dict, sliced_keys)
-        shapes = tuple(tuple(tensors[f.key].shape) for f in schema.tensor_fields())
+        if self.declared is not None:
+            tokens = self._check_declared(tensor_dict)
+            declared_header = self._declared_header(tokens)
+            schema, shapes = declared_header.schema, declared_header.shapes
+        else:
+            sliced_keys = frozenset(k for k, t in tensors.items()
+                                    if self._is_sliced(k, t.device.type, t.numel()))
+            schema = self._schema(tensor_dict, sliced_keys)
+            shapes = tuple(tuple(tensors[f.key].shape) for f in schema.tensor_fields())
         parts = self._parts(schema, shapes)
         payloads = []
         for part in parts:
@@ -466,21 +471,22 @@ class TensorDictChannel:
     def _check_declared(self, tensor_dict: Mapping[str, Any]) -> int:
         """Checks a dict against the declaration (naming the key); returns its token count."""
         fields = self.declared.fields
-        keys = list(tensor_dict.keys())
-        if keys != [k for k, _ in fields]:
-            raise ValueError(f"keys {keys} do not match the declared keys "
+        if len(tensor_dict) != len(fields) or any(
+                k != f[0] for k, f in zip(tensor_dict, fields)):
+            raise ValueError(f"keys {list(tensor_dict)} do not match the declared keys "
                              f"{[k for k, _ in fields]}")
         tokens = None
         for k, spec in fields:
             v = tensor_dict[k]
-            if self.declared.is_tensor(spec):
+            if type(spec) is tuple and len(spec) == 3 and isinstance(spec[0], torch.dtype):
                 dtype, shape, dev = spec
                 if not isinstance(v, torch.Tensor):
                     raise TypeError(f"key {k!r}: declared a tensor, got {type(v).__name__}")
-                if v.dtype != dtype or v.device.type != dev or v.dim() != len(shape):
-                    raise ValueError(f"key {k!r}: {v.dtype} {tuple(v.shape)} on {v.device.type} "
+                vshape = v.shape
+                if v.dtype != dtype or v.device.type != dev or len(vshape) != len(shape):
+                    raise ValueError(f"key {k!r}: {v.dtype} {tuple(vshape)} on {v.device.type} "
                                      f"does not match the declared {dtype} {shape} on {dev}")
-                for i, (a, b) in enumerate(zip(v.shape, shape)):
+                for i, (a, b) in enumerate(zip(vshape, shape)):
                     if b is None:
                         if tokens is None:
                             tokens = a
@@ -488,7 +494,7 @@ class TensorDictChannel:
                             raise ValueError(f"key {k!r}: dim {i} is {a} but another key has "
                                              f"{tokens} tokens")
                     elif a != b:
-                        raise ValueError(f"key {k!r}: shape {tuple(v.shape)} does not match the "
+                        raise ValueError(f"key {k!r}: shape {tuple(vshape)} does not match the "
                                          f"declared {shape}")
             elif not (type(v) is type(spec) and v == spec):
                 raise ValueError(f"key {k!r}: value {v!r} differs from the declared constant "
@@ -496,7 +502,16 @@ class TensorDictChannel:
         return 0 if tokens is None else tokens
 
     def _declared_header(self, tokens: int) -> wire.Header:
-        """The header both ends can derive from the declaration and the token count."""
+        """The header both ends derive from the declaration and the token count (memoised)."""
+        header = self._declared_headers.get(tokens)
+        if header is None:
+            header = self._plan_declared_header(tokens)
+            if len(self._declared_headers) >= 256:
+                self._declared_headers.pop(next(iter(self._declared_headers)))
+            self._declared_headers[tokens] = header
+        return header
+
+    def _plan_declared_header(self, tokens: int) -> wire.Header:
         fields, shapes, values = [], [], []
         for k, spec in self.declared.fields:
             if self.declared.is_tensor(spec):
