@@ -19,7 +19,7 @@ PY=${PYTHON:-python3}
 OUTDIR=${OUT:-/tmp/pipepack_gpu_check}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-430}
 RESERVE_S=20 # kept back for the summary
-mkdir -p "$OUTDIR/steps" bench/results
+mkdir -p "$OUTDIR/steps" "$OUTDIR/sweep" bench/results
 STATUS=() # one "name|rc|seconds|note" per step
 
 budget() { # budget CAP: seconds a step may run: CAP, or what is left minus the reserve
@@ -115,42 +115,36 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 if timeout 60 "$PY" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST+=(--timeout=120)
 fi
-# kernel and AOT test files run whole (CUDA makes their triton cases real launches)
-KERNEL_TESTS=()
-for f in tests/test_kernels*.py tests/test_*aot*.py; do
-  case " ${KERNEL_TESTS[*]-} " in *" $f "*) ;; *) KERNEL_TESTS+=("$f") ;; esac
-done
-PP_TESTS=(tests/test_pp*.py)
-IGNORES=()
-for f in ${KERNEL_TESTS[@]+"${KERNEL_TESTS[@]}"} ${PP_TESTS[@]+"${PP_TESTS[@]}"}; do
-  IGNORES+=("--ignore=$f")
-done
-
-if ((${#KERNEL_TESTS[@]})); then
-  step kernel_tests 150 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
-else
-  STATUS+=("kernel_tests|skip|0|no tests/test_kernels*.py")
-fi
+# the whole suite: kernel tests run the compiled kernels on CUDA, the pp tests run over gloo
+# on this machine's CPUs with its torch (a second torch version for the transport)
+step all_tests 200 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" tests/
 
 # ----------------------------------------------------------------------------- kernel benchmark
 step bench_kernels 240 "$OUTDIR/bench_kernels.log" "$PY" bench/bench_kernels.py --out "$OUTDIR"
 for f in "$OUTDIR"/kernels_*.json; do cp -f "$f" bench/results/; done
 
-# every other GPU-marked test (pp tests run in the hook section below)
-step gpu_tests 120 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" -m gpu tests/ \
-  ${IGNORES[@]+"${IGNORES[@]}"}
+# ============================================================================================
+# tuning sweep: block size and warps of the contiguous path, block size of the strided path
+# (environment overrides read by pipepack.kernels._copy at import)
+# ============================================================================================
+for vb in 2048 4096 8192; do
+  for nw in 4 8; do
+    step "sweep_vb${vb}_nw${nw}" 40 "$OUTDIR/sweep.log" env PIPEPACK_VEC_BLOCK=$vb \
+      PIPEPACK_NUM_WARPS=$nw "$PY" bench/bench_kernels.py --ops pack \
+      --payloads big_128MiB,hidden_bs4096,hidden_bs8,mixed16 --out "$OUTDIR/sweep/vb${vb}_nw${nw}.json"
+  done
+done
+for sb in 512 2048 4096; do
+  step "sweep_sb${sb}" 40 "$OUTDIR/sweep.log" env PIPEPACK_STRIDED_BLOCK=$sb \
+    "$PY" bench/bench_kernels.py --ops pack,unpack_into \
+    --payloads transposed_bs4096,columns_bs256 --out "$OUTDIR/sweep/sb${sb}.json"
+done
 
-# ============================================================================================
-# pp / pipeline checks: the lead adds commands here, each guarded by [ -f file ] and run by
-# `step NAME CAP LOG CMD...` (CAP seconds at most; the global budget still applies).
-# ============================================================================================
-if ((${#PP_TESTS[@]})); then
-  step pp_tests 120 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" -m gpu "${PP_TESTS[@]}"
-fi
 # bench_p2p's NCCL variant needs one GPU per rank (NCCL refuses two ranks on one device), so
-# a one-GPU machine runs the kernel checks only; with several GPUs, run
-#   torchrun --nproc_per_node=2 bench/bench_p2p.py --backend nccl
-# (end of pp / pipeline checks)
+# a one-GPU machine runs its gloo (CPU) variant only, as a second CPU data point; with several
+# GPUs run: torchrun --nproc_per_node=2 bench/bench_p2p.py --backend nccl
+[ -f bench/bench_p2p.py ] && step bench_p2p_cpu 90 "$OUTDIR/bench_p2p.log" \
+  "$PY" bench/bench_p2p.py --quick --out "$OUTDIR/p2p_gloo_gpuhost.json"
 
 # ----------------------------------------------------------------------------- summary (last)
 JSON=""
@@ -209,6 +203,22 @@ EOF
   else
     echo "no kernels_*.json in $OUTDIR: see $OUTDIR/bench_kernels.log"
   fi
+  timeout 30 "$PY" - "$OUTDIR/sweep" <<'EOF'
+import glob, json, os, sys
+
+rows = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    name = os.path.basename(path)[:-5]
+    for r in json.load(open(path)):
+        if r.get("record") == "timing" and r["method"] == "pipepack":
+            rows.setdefault((r["op"], r["payload"]), {})[name] = r["median_us"]
+if rows:
+    names = sorted({n for v in rows.values() for n in v})
+    print("sweep, pipepack device µs median:", " ".join(f"{n:>9}" for n in names))
+    for (op, payload), v in rows.items():
+        cells = " ".join(f"{v[n]:>9.1f}" if n in v else f"{'-':>9}" for n in names)
+        print(f"{op + ' ' + payload:<34} {cells}")
+EOF
   echo "logs: $OUTDIR (gpu_tests.log, bench_kernels.log, steps/*.log)"
 } 2>&1 | tee "$OUTDIR/summary.txt"
 

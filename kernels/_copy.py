@@ -29,8 +29,11 @@ _NDIM = 4
 # Row: mode, word_log2, n_words, src_ptr, dst_ptr, src_start, dst_start,
 #      src sizes[4], src strides[4], dst sizes[4], dst strides[4], pad.
 _ROW = 24
-VEC_BLOCK = 4096  # int32 words per program in _VEC mode: 16 KiB
-STRIDED_BLOCK = 1024  # words per program in _STRIDED mode
+# Block sizes and warps: read once at import; the environment overrides exist for tuning
+# sweeps (bench/gpu_check.sh), the defaults are what the tests and benchmarks use.
+VEC_BLOCK = int(os.environ.get("PIPEPACK_VEC_BLOCK", 4096))  # int32 words per program: 16 KiB
+STRIDED_BLOCK = int(os.environ.get("PIPEPACK_STRIDED_BLOCK", 1024))  # words per program
+NUM_WARPS = int(os.environ.get("PIPEPACK_NUM_WARPS", 4))
 _INT32_MAX = 2**31 - 1
 
 
@@ -306,7 +309,7 @@ class Plan:
                 ROW=_ROW,
                 VEC_BLOCK=VEC_BLOCK,
                 STRIDED_BLOCK=STRIDED_BLOCK,
-                num_warps=4,
+                num_warps=NUM_WARPS,
             )
         for dst, staged in self.after:
             dst.copy_(staged)

@@ -167,6 +167,52 @@ class PendingRecv:
         return all(h.is_completed() for h in handles)
 
 
+class _SendPool:
+    """CPU send buffers handed back once their send completed, reused by size.
+
+    A fresh multi-MiB buffer costs page faults on every hop (glibc maps large allocations
+    anew each time); a buffer is only reused after the reaper saw its send complete, so a hop
+    in flight is never overwritten. Bounded in count per size and in total bytes.
+    """
+
+    def __init__(self, per_size: int = 4, max_bytes: int = 512 << 20) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
+        self._per_size = per_size
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                self._bytes -= nbytes
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        n = buf.numel()
+        if buf.storage_offset() or buf.untyped_storage().nbytes() != n:
+            return  # only whole buffers this pool handed out
+        with self._lock:
+            free = self._free.setdefault(n, [])
+            if len(free) >= self._per_size:
+                return
+            while self._bytes + n > self._max_bytes and self._free:
+                size, bufs = next(iter(self._free.items()))
+                if bufs:
+                    bufs.pop()
+                    self._bytes -= size
+                if not bufs:
+                    del self._free[size]
+                if size == n:
+                    free = self._free.setdefault(n, [])
+            if self._bytes + n > self._max_bytes:
+                return
+            free.append(buf)
+            self._bytes += n
+
+
 class TensorDictChannel:
     """Sends and receives tensor dicts to and from one peer, in order (FIFO), many in flight.
 
@@ -240,6 +286,7 @@ class TensorDictChannel:
             hashlib.blake2b(repr(declared.fields).encode(), digest_size=4).digest(), "little")
         self._recv_broken: BaseException | None = None
         self._parts_cache: dict[tuple, list[_Part]] = {}
+        self._pool = _SendPool()
         self.inline_cap = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self._send_head = 0  # inline payload room of the next head message, both directions
         self._recv_head = 0
@@ -305,7 +352,7 @@ class TensorDictChannel:
         S, h = self.slot_bytes, self._send_head
         cpu = next(((part, srcs) for part, srcs in payloads if part.device_type == "cpu"), None)
         P = cpu[0].wire_layout.nbytes if cpu else 0
-        head = torch.empty(S + max(h, P), dtype=torch.uint8)
+        head = self._pool.get(S + max(h, P))
         head[:S].copy_(torch.frombuffer(bytearray(slot), dtype=torch.uint8))
         if P < h:
             head[S + P : S + h].zero_()
@@ -350,6 +397,10 @@ class TensorDictChannel:
         def done(h: Handle) -> None:
             if h.error is not None:
                 self._send_failure = h
+                return
+            for buf in h.buffers:  # sent: the CPU buffers can take a later hop
+                if isinstance(buf, torch.Tensor) and buf.device.type == "cpu":
+                    self._pool.put(buf)
         REAPER.add(handle, done)
         return handle
 
@@ -426,9 +477,11 @@ class TensorDictChannel:
             return [(start, end)]
         return [(s, min(s + c, end)) for s in range(start, end, c)]
 
-    @staticmethod
-    def _buffer(srcs: list[torch.Tensor], device_type: str, nbytes: int) -> torch.Tensor:
+    def _buffer(self, srcs: list[torch.Tensor], device_type: str, nbytes: int) -> torch.Tensor:
         device = srcs[0].device if srcs else torch.device(device_type)
+        if device.type == "cpu":
+            return self._pool.get(nbytes)
+        # CUDA: the caching allocator reuses memory in stream order already
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def _pack_and_post(self, srcs: list[torch.Tensor], part: _Part | None, buf: torch.Tensor,

@@ -93,6 +93,11 @@ class Handle:
     def error(self) -> BaseException | None:
         return self._error
 
+    @property
+    def buffers(self) -> list[Any]:
+        """What the transfer reads or writes (valid until :meth:`release`)."""
+        return self._keep
+
     def release(self) -> None:
         """Drops the buffers (only after the transfer is done)."""
         self._keep.clear()
@@ -129,9 +134,9 @@ class SendReaper:
                 handle.wait()
             except BaseException:  # noqa: BLE001 - kept on the handle, re-raised by its owner
                 pass
-            handle.release()
             if on_done is not None:
                 on_done(handle)
+            handle.release()
             with self._lock:
                 self._pending -= 1
                 if self._pending == 0:

@@ -555,7 +555,15 @@ def _enc(v: Any, out: list[bytes], depth: int, allow_pickle: bool, max_depth: in
         i = 0
         try:
             for i, x in enumerate(v):  # noqa: B007 - i is read in the handler
-                _enc(x, out, depth + 1, allow_pickle, max_depth)
+                # scalars inline: lists of token ids / Nones are the common case
+                if x is None:
+                    out.append(_B_NONE)
+                elif type(x) is int and _I64_MIN <= x <= _I64_MAX:
+                    out.append(_TAG_I64.pack(_T_INT, x))
+                elif type(x) is float:
+                    out.append(_TAG_F64.pack(_T_FLOAT, x))
+                else:
+                    _enc(x, out, depth + 1, allow_pickle, max_depth)
         except _EncodeFailure as e:
             e.path.append(f"[{i}]")
             raise
@@ -717,8 +725,16 @@ def _dec(buf: bytes, pos: int, depth: int, st: list[int]) -> tuple[Any, int]:
             return d, pos
         items = []
         for _ in range(n):
-            x, pos = _dec(buf, pos, depth, st)
-            items.append(x)
+            t2 = buf[pos]  # scalars inline, as on the encode side
+            if t2 == _T_NONE:
+                items.append(None)
+                pos += 1
+            elif t2 == _T_INT and pos + 9 <= len(buf):
+                items.append(_I64.unpack_from(buf, pos + 1)[0])
+                pos += 9
+            else:
+                x, pos = _dec(buf, pos, depth, st)
+                items.append(x)
         return (items if tag == _T_LIST else tuple(items)), pos
     if tag == _T_DTYPE:
         code = buf[pos]
