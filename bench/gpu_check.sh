@@ -127,14 +127,15 @@ for f in "$OUTDIR"/kernels_*.json; do cp -f "$f" bench/results/; done
 # tuning sweep: block size and warps of the contiguous path, block size of the strided path
 # (environment overrides read by pipepack.kernels._copy at import)
 # ============================================================================================
-for vb in 2048 4096 8192; do
+SWEEP=${GPU_CHECK_SWEEP:-1}
+((SWEEP)) && for vb in 2048 4096 8192; do
   for nw in 4 8; do
     step "sweep_vb${vb}_nw${nw}" 40 "$OUTDIR/sweep.log" env PIPEPACK_VEC_BLOCK=$vb \
       PIPEPACK_NUM_WARPS=$nw "$PY" bench/bench_kernels.py --ops pack \
       --payloads big_128MiB,hidden_bs4096,hidden_bs8,mixed16 --out "$OUTDIR/sweep/vb${vb}_nw${nw}.json"
   done
 done
-for sb in 512 2048 4096; do
+((SWEEP)) && for sb in 512 2048 4096; do
   step "sweep_sb${sb}" 40 "$OUTDIR/sweep.log" env PIPEPACK_STRIDED_BLOCK=$sb \
     "$PY" bench/bench_kernels.py --ops pack,unpack_into \
     --payloads transposed_bs4096,columns_bs256 --out "$OUTDIR/sweep/sb${sb}.json"
@@ -143,7 +144,7 @@ done
 # bench_p2p's NCCL variant needs one GPU per rank (NCCL refuses two ranks on one device), so
 # a one-GPU machine runs its gloo (CPU) variant only, as a second CPU data point; with several
 # GPUs run: torchrun --nproc_per_node=2 bench/bench_p2p.py --backend nccl
-[ -f bench/bench_p2p.py ] && step bench_p2p_cpu 90 "$OUTDIR/bench_p2p.log" \
+((SWEEP)) && [ -f bench/bench_p2p.py ] && step bench_p2p_cpu 90 "$OUTDIR/bench_p2p.log" \
   "$PY" bench/bench_p2p.py --quick --out "$OUTDIR/p2p_gloo_gpuhost.json"
 
 # ----------------------------------------------------------------------------- summary (last)

@@ -31,8 +31,11 @@ _NDIM = 4
 _ROW = 24
 # Block sizes and warps: read once at import; the environment overrides exist for tuning
 # sweeps (bench/gpu_check.sh), the defaults are what the tests and benchmarks use.
-VEC_BLOCK = int(os.environ.get("PIPEPACK_VEC_BLOCK", 4096))  # int32 words per program: 16 KiB
-STRIDED_BLOCK = int(os.environ.get("PIPEPACK_STRIDED_BLOCK", 1024))  # words per program
+# Chosen by the sweep on an H200 (bench/NOTES.md): 32 KiB per contiguous program reaches
+# 97% of a device copy at 128 MiB (16 KiB: 86%); 512 strided words per program beat 1024 by
+# 18% on a transposed source, and 2048+ spill registers (20x slower).
+VEC_BLOCK = int(os.environ.get("PIPEPACK_VEC_BLOCK", 8192))  # int32 words per program: 32 KiB
+STRIDED_BLOCK = int(os.environ.get("PIPEPACK_STRIDED_BLOCK", 512))  # words per program
 NUM_WARPS = int(os.environ.get("PIPEPACK_NUM_WARPS", 4))
 _INT32_MAX = 2**31 - 1
 
