@@ -270,7 +270,16 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict):
         ch.isend(d)
 
     def recv(src, like_):
-        return ch.irecv(tokens if static else None).wait()
+        if static:
+            return ch.irecv(tokens).wait()
+        # the header path as engines call it (recv_tensor_dict): header received in this
+        # thread, payload receives posted, then waited; no progress-thread handoff
+        d, handles, post = ch.irecv_posted()
+        for h in handles:
+            h.wait()
+        for fn in post:
+            fn()
+        return d
     return send, recv
 
 
