@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipepack.kernels import Layout, pack, reassemble, unpack, unpack_into
+from pipepack.kernels import Entry, Layout, pack, reassemble, unpack, unpack_into
 
 from . import transport, wire
 from .transport import REAPER, Handle
@@ -136,24 +136,29 @@ class PendingRecv:
     def wait_into(self, outs: Mapping[str, torch.Tensor], timeout: float | None = None) -> dict:
         """Waits, then copies the tensors named in ``outs`` into those caller-owned buffers.
 
-        One launch per device type (``pipepack.kernels.unpack_into``): static CUDA-graph inputs
-        take the payload directly; the returned dict holds ``outs``' tensors for those keys.
+        The received tensors are views of one buffer per device type, so this is one
+        ``pipepack.kernels.unpack_into`` launch per buffer, straight from the receive buffer:
+        static CUDA-graph inputs take the payload with one copy. A destination may be larger
+        in dim 0 (the hop lands in ``outs[k][:n]``). The returned dict holds ``outs``' tensors
+        (or their ``[:n]`` views) for those keys.
         """
         d = self.wait(timeout)
-        by_dev: dict[torch.device, list[str]] = {}
+        groups: dict[tuple[torch.device, int], list[str]] = {}
         for k in outs:
-            if k not in d or not isinstance(d[k], torch.Tensor):
+            t = d.get(k)
+            if not isinstance(t, torch.Tensor):
                 raise KeyError(f"key {k!r}: not a tensor of the received dict")
-            by_dev.setdefault(d[k].device, []).append(k)
-        for keys in by_dev.values():
-            srcs = [d[k] for k in keys]
-            layout = Layout.from_specs([(t.dtype, t.shape) for t in srcs])
-            buf = pack(srcs, layout=layout)  # contiguous already: the pack is one copy
-            unpack_into(buf, layout, [outs[k] for k in keys], names=keys)
+            groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(k)
+        for (device, _), keys in groups.items():
+            storage = d[keys[0]].untyped_storage()
+            buf = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+            entries = tuple(
+                Entry(d[k].dtype, tuple(d[k].shape), d[k].storage_offset() * d[k].element_size(),
+                      d[k].numel() * d[k].element_size()) for k in keys)
+            unpack_into(buf, Layout(entries, buf.numel()), [outs[k] for k in keys], names=keys)
         for k in outs:
-            v = outs[k]
-            n = d[k].shape[0] if d[k].dim() and tuple(v.shape) != tuple(d[k].shape) else None
-            d[k] = v if n is None else v[:n]
+            v, t = outs[k], d[k]
+            d[k] = v if tuple(v.shape) == tuple(t.shape) else v[: t.shape[0]]
         return d
 
     def is_completed(self) -> bool:

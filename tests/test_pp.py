@@ -905,3 +905,34 @@ def test_world_size_one_without_process_group() -> None:
     """Without an initialized process group the functions short-circuit like a 1-rank world."""
     assert not dist.is_initialized()
     _check_alone(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# delivery into caller-owned (static) buffers
+# ---------------------------------------------------------------------------------------------
+
+
+def _wait_into_body(rank: int, world: int, declared: bool) -> None:
+    example = {"h": torch.zeros(4, 8, dtype=torch.bfloat16), "r": torch.zeros(4, 8), "m": "x"}
+    ch = TensorDictChannel(1 - rank,
+                           declared=Declared.from_example(example) if declared else None)
+    h = torch.arange(24.0).reshape(3, 8).to(torch.bfloat16)
+    r = torch.randn(3, 8)
+    if rank == 0:
+        ch.isend({"h": h, "r": r, "m": "x"})
+        return
+    static_h = torch.full((16, 8), -7.0, dtype=torch.bfloat16)  # sized for the largest batch
+    static_r = torch.full((16, 8), -7.0)
+    pending = ch.irecv(3) if declared else ch.irecv()
+    got = pending.wait_into({"h": static_h, "r": static_r})
+    assert torch.equal(static_h[:3].view(torch.int16), h.view(torch.int16))
+    assert torch.equal(static_r[:3].view(torch.int32), r.view(torch.int32))
+    assert (static_h[3:] == -7).all() and (static_r[3:] == -7).all()  # rows after n untouched
+    assert got["h"].data_ptr() == static_h.data_ptr() and got["h"].shape == (3, 8)
+    assert got["m"] == "x"
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["header", "declared"])
+def test_wait_into_lands_in_static_buffers(declared: bool) -> None:
+    """PendingRecv.wait_into copies the hop into larger static buffers, rows after n kept."""
+    run_ranks(2, _wait_into_body, declared, timeout_s=TIMEOUT_S)
