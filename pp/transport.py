@@ -70,7 +70,11 @@ class Handle:
     def wait(self, timeout: float | None = None) -> None:
         timeout = self._timeout if timeout is None else timeout
         if not self._done.is_set():
-            with self._lock:
+            # one thread waits on the works (the reaper or the caller); another caller waits
+            # for it, still bounded by its own timeout
+            if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"{self._what} did not complete within {timeout} s")
+            try:
                 if not self._done.is_set():
                     try:
                         for w in self._works:
@@ -81,6 +85,8 @@ class Handle:
                     except BaseException as e:  # noqa: BLE001 - re-raised with context below
                         self._error = e
                     self._done.set()
+            finally:
+                self._lock.release()
         if self._error is not None:
             raise RuntimeError(f"{self._what} failed: {self._error}") from self._error
 
