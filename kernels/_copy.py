@@ -27,7 +27,7 @@ _VEC = 0
 _STRIDED = 1
 _NDIM = 4
 # Row: mode, word_log2, n_words, src_ptr, dst_ptr, src_start, dst_start,
-#      src sizes[4], src strides[4], dst sizes[4], dst strides[4], pad.
+#      src sizes[4], src strides[4], dst sizes[4], dst strides[4], relative flags.
 _ROW = 24
 # Block sizes and warps: read once at import; the environment overrides exist for tuning
 # sweeps (bench/gpu_check.sh), the defaults are what the tests and benchmarks use.
@@ -97,6 +97,7 @@ def _copy_strided(
 @triton.jit
 def _copy_segments_kernel(
     table_ptr,  # int64: [grid] (segment << 32 | block) codes, then [segments, ROW] rows
+    base_addr,  # int64 address that rows flagged relative add to their pointers
     ROW: tl.constexpr,
     VEC_BLOCK: tl.constexpr,
     STRIDED_BLOCK: tl.constexpr,
@@ -109,8 +110,9 @@ def _copy_segments_kernel(
 
     mode = tl.load(row_ptr)
     n = tl.load(row_ptr + 2)
-    src_addr = tl.load(row_ptr + 3)
-    dst_addr = tl.load(row_ptr + 4)
+    rel = tl.load(row_ptr + 23)  # bit 0: src relative to base_addr, bit 1: dst relative
+    src_addr = tl.load(row_ptr + 3) + (rel & 1) * base_addr
+    dst_addr = tl.load(row_ptr + 4) + ((rel >> 1) & 1) * base_addr
     if mode == 0:
         src = tl.multiple_of(src_addr.to(tl.pointer_type(tl.int32)), 16)
         dst = tl.multiple_of(dst_addr.to(tl.pointer_type(tl.int32)), 16)
@@ -149,15 +151,19 @@ class View:
     sizes: tuple[int, ...]
     strides: tuple[int, ...]
     start: int = 0
+    # ``ptr`` is an offset from the launch's base address (a buffer that may move between
+    # calls, so the table can be reused); the base is 16-byte aligned, so alignment choices
+    # made on the offset hold for the address
+    relative: bool = False
 
     @staticmethod
     def of(t: torch.Tensor) -> View:
         return View(t.data_ptr(), tuple(t.shape), tuple(t.stride()))
 
     @staticmethod
-    def flat(ptr: int, start: int = 0) -> View:
+    def flat(ptr: int, start: int = 0, *, relative: bool = False) -> View:
         """A contiguous run of elements starting at ``ptr``."""
-        return View(ptr, (1 << 62,), (1,), start)
+        return View(ptr, (1 << 62,), (1,), start, relative)
 
 
 def _byte_dims(v: View, esize: int) -> tuple[list[int], list[int]]:
@@ -198,6 +204,14 @@ def segment_rows(src: View, dst: View, n: int, esize: int) -> list[list[int]] | 
     """
     if n == 0:
         return []
+    rows = _segment_rows(src, dst, n, esize)
+    if rows is not None and (src.relative or dst.relative):
+        for r in rows:
+            r[23] = int(src.relative) | int(dst.relative) << 1
+    return rows
+
+
+def _segment_rows(src: View, dst: View, n: int, esize: int) -> list[list[int]] | None:
     nbytes = n * esize
     s_sizes, s_strides = _byte_dims(src, esize)
     d_sizes, d_strides = _byte_dims(dst, esize)
@@ -305,10 +319,11 @@ class Plan:
     keep: tuple[torch.Tensor, ...] = ()
     after: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
-    def launch(self) -> None:
+    def launch(self, base_addr: int = 0) -> None:
         if self.grid:
             _copy_segments_kernel[(self.grid,)](
                 self.table,
+                base_addr,
                 ROW=_ROW,
                 VEC_BLOCK=VEC_BLOCK,
                 STRIDED_BLOCK=STRIDED_BLOCK,

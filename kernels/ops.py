@@ -150,10 +150,6 @@ def _pick_impl(impl: str | None, device: torch.device | None) -> str:
     return impl
 
 
-def _region(buf: torch.Tensor, offset: int) -> int:
-    return buf.data_ptr() + offset
-
-
 # ----------------------------------------------------------------------------- pack
 
 
@@ -197,15 +193,16 @@ def pack(
             if v.numel():
                 v.copy_(t)
         return out
-    key = ("pack", layout, out.data_ptr(), *((t.data_ptr(), t.stride()) for t in tensors))
+    # the output side is relative to out's address: a new buffer every hop still hits
+    key = ("pack", out.device, layout, *((t.data_ptr(), t.stride()) for t in tensors))
     _plan(
         key,
         out.device,
         lambda: [
-            (t, _copy.View.of(t), _copy.View.flat(_region(out, e.offset)), e, False)
+            (t, _copy.View.of(t), _copy.View.flat(e.offset, relative=True), e, False)
             for t, e in zip(tensors, layout.entries)
         ],
-    ).launch()
+    ).launch(out.data_ptr())
     return out
 
 
@@ -303,15 +300,15 @@ def unpack_into(
             if v.numel():
                 v.copy_(src)
         return
-    key = ("unpack", layout, buffer.data_ptr(), *((v.data_ptr(), v.stride()) for v in views))
+    key = ("unpack", buffer.device, layout, *((v.data_ptr(), v.stride()) for v in views))
     _plan(
         key,
         buffer.device,
         lambda: [
-            (v, _copy.View.flat(_region(buffer, e.offset)), _copy.View.of(v), e, True)
+            (v, _copy.View.flat(e.offset, relative=True), _copy.View.of(v), e, True)
             for v, e in zip(views, layout.entries)
         ],
-    ).launch()
+    ).launch(buffer.data_ptr())
 
 
 def unpack_into_reference(

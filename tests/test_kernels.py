@@ -962,6 +962,39 @@ def test_pack_reuses_its_plan_and_reads_current_contents(plan_builds, device):
     _assert_entries(out, layout, others)
 
 
+def test_pack_plan_follows_a_moving_output_buffer(plan_builds, device):
+    """The output side of a pack plan is relative to ``out``: a fresh buffer reuses the plan
+    (the transport packs into a new buffer every hop) and each copy lands in its own buffer,
+    nothing outside it."""
+    tensors = [_random_tensor((5, 7), torch.float16, device), _random_tensor((3,), torch.int64,
+                                                                             device)]
+    layout = plan_layout(tensors)
+    arenas = [_canary((layout.nbytes + 64,), torch.uint8, device) for _ in range(3)]
+    for i, arena in enumerate(arenas):
+        out = arena[32 + 16 * i : 32 + 16 * i + layout.nbytes]  # different, aligned offsets
+        if out.data_ptr() % 16:
+            pytest.skip("allocator gave an arena that is not 16-byte aligned")
+        K.pack(tensors, out=out, impl="triton")
+        _assert_entries(out, layout, tensors)
+        assert (arena[: 32 + 16 * i] == CANARY).all() and (
+            arena[32 + 16 * i + layout.nbytes :] == CANARY).all()
+    assert len(plan_builds) == 1
+
+
+def test_unpack_into_plan_follows_a_moving_source_buffer(plan_builds, device):
+    tensors = [_random_tensor((4, 6), torch.bfloat16, device), _random_tensor((5,), torch.int32,
+                                                                              device)]
+    layout = plan_layout(tensors)
+    outs = [_canary(t.shape, t.dtype, device) for t in tensors]
+    for _ in range(3):
+        srcs = [_random_tensor(t.shape, t.dtype, device) for t in tensors]
+        buf = K.pack_reference(srcs, layout)  # a new buffer (new address) each time
+        K.unpack_into(buf, layout, outs, impl="triton")
+        for o, t in zip(outs, srcs):
+            _assert_same_bytes(_bytes(o), _bytes(t))
+    assert len(plan_builds) == 1
+
+
 def test_plans_are_keyed_on_strides_not_just_addresses(plan_builds, device):
     square = _random_tensor((9, 9), torch.bfloat16, device)
     layout = plan_layout([square])

@@ -41,6 +41,7 @@ for cc in map(int, sys.argv[1:]):
         fn=_copy._copy_segments_kernel,
         signature={
             "table_ptr": "*i64",
+            "base_addr": "i64",
             "ROW": "constexpr",
             "VEC_BLOCK": "constexpr",
             "STRIDED_BLOCK": "constexpr",
