@@ -216,7 +216,8 @@ def pack_reference(tensors: Sequence[torch.Tensor], layout: Layout | None = None
     for t, e in zip(tensors, layout.entries):
         if e.offset > pos:
             parts.append(torch.zeros(e.offset - pos, dtype=torch.uint8, device=device))
-        parts.append(t.contiguous().reshape(-1).view(torch.uint8))
+        if t.numel():
+            parts.append(t.contiguous().reshape(-1).view(torch.uint8))
         pos = e.offset + e.nbytes
     if layout.nbytes > pos:
         parts.append(torch.zeros(layout.nbytes - pos, dtype=torch.uint8, device=device))

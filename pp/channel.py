@@ -25,7 +25,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipepack.kernels import Entry, Layout, pack, reassemble, unpack, unpack_into
+from pipepack.kernels import (
+    SUPPORTED_DTYPES,
+    Entry,
+    Layout,
+    pack,
+    reassemble,
+    unpack,
+    unpack_into,
+)
 
 from . import transport, wire
 from .transport import REAPER, Handle
@@ -172,6 +180,14 @@ class PendingRecv:
         return all(h.is_completed() for h in handles)
 
 
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor (a copy only when it is not dense)."""
+    flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # e.g. a one-element view with a large stride
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    return flat.view(torch.uint8)
+
+
 class _SendPool:
     """CPU send buffers handed back once their send completed, reused by size.
 
@@ -256,6 +272,10 @@ class TensorDictChannel:
                                  "it carries the header and CPU tensors")
             cpu_group = self.group
         self.cpu_group = cpu_group
+        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if not isinstance(peer, int) or not 0 <= peer < world or peer == me:
+            raise ValueError(f"peer (dst/src) {peer!r} is not another rank of the group: it has "
+                             f"{world} ranks and this is rank {me}")
         self.peer = peer
         self.peer_global = dist.get_global_rank(self.group, peer)
         self.cpu_peer_global = self.peer_global
@@ -269,7 +289,8 @@ class TensorDictChannel:
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.timeout = timeout
-        self._send_seq = itertools.count()
+        self._send_seq = 0  # advances only once a hop is fully posted
+        self._send_broken: BaseException | None = None
         self._recv_seq = itertools.count()
         self._sent_schemas: dict[int, wire.Schema] = {}
         self._recv_schemas: dict[int, wire.Schema] = {}
@@ -299,16 +320,29 @@ class TensorDictChannel:
     # ------------------------------------------------------------------ send
 
     def isend(self, tensor_dict: Mapping[str, Any]) -> list[Handle]:
-        """Posts the hop and returns at once; the handles complete when the peer received it."""
+        """Posts the hop and returns at once; the handles complete when the peer received it.
+
+        Everything that can be wrong with the dict is found before the first message is
+        posted, and the channel's state (sequence number, schemas the peer holds, head size)
+        only advances once every message of the hop is posted, so a refused dict leaves the
+        channel in step with its peer.
+        """
         self._raise_send_failure()
         if not isinstance(tensor_dict, Mapping):
             raise TypeError(f"expected a dict of tensors and plain values, got "
                             f"{type(tensor_dict).__name__}")
+        if len(tensor_dict) > self.limits.max_entries:
+            raise ValueError(f"the dict has {len(tensor_dict)} keys, more than the peer accepts "
+                             f"(max_entries={self.limits.max_entries})")
         tensors: dict[str, torch.Tensor] = {}
         values: list[Any] = []
         for k, v in tensor_dict.items():
             _plain_ok(k)
+            if len(k.encode("utf-8", "surrogatepass")) > self.limits.max_key_bytes:
+                raise ValueError(f"key {k[:40]!r}...: longer than max_key_bytes="
+                                 f"{self.limits.max_key_bytes}")
             if isinstance(v, torch.Tensor):
+                self._check_tensor(k, v)
                 tensors[k] = v
             else:
                 values.append(v)
@@ -326,30 +360,59 @@ class TensorDictChannel:
         for part in parts:
             srcs = [self._wire_tensor(tensors[k], f) for k, f in zip(part.keys, part.sliced)]
             payloads.append((part, self._wire_order(srcs, part.sliced)))
-        seq = next(self._send_seq)
+        seq = self._send_seq
         what = f"send #{seq} to rank {self.peer_global}"
+        works: list[Any] = []
+        keep: list[Any] = []
+        try:
+            if self.declared is not None:
+                self._post_declared_hop(payloads, schema, tokens, seq, what, works, keep)
+            else:
+                sid = schema.schema_id()
+                need_schema = sid not in self._sent_schemas
+                self._post_header_hop(payloads, parts, schema, shapes, values, need_schema, seq,
+                                      what, works, keep)
+                if need_schema:
+                    wire.cache_schema(self._sent_schemas, schema)
+                cpu = next((p for p in parts if p.device_type == "cpu"), None)
+                self._send_head = self._next_head(cpu.wire_layout.nbytes if cpu else 0)
+        except BaseException as e:
+            if works:  # part of the hop is on the wire: the peer is out of step for good
+                self._send_broken = e
+            raise
+        self._send_seq = seq + 1
+        return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
 
-        if self.declared is not None:  # no header: a fingerprint leads each payload
-            fp = self._fingerprint(schema, tokens, seq)
-            works, keep = [], []
-            for part, srcs in payloads:
-                total = len(fp) + part.wire_layout.nbytes
-                buf = self._buffer(srcs, part.device_type, total)
-                buf[: len(fp)].copy_(torch.frombuffer(bytearray(fp), dtype=torch.uint8),
-                                     non_blocking=True)
-                grp = self.cpu_group if part.device_type == "cpu" else self.group
-                msgs = [(s_, e_, transport.PAYLOAD_TAG)
-                        for s_, e_ in self._chunks(0, total, part.device_type)]
-                works += self._pack_and_post(srcs, part, buf, len(fp), msgs, grp)
-                keep.append(buf)
-            return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
+    def _check_tensor(self, key: str, t: torch.Tensor) -> None:
+        if t.layout != torch.strided or t.is_nested:
+            raise TypeError(f"key {key!r}: {'nested' if t.is_nested else t.layout} tensors "
+                            "cannot be packed; send a dense (strided) tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"key {key!r}: unsupported dtype {t.dtype}")
+        if t.dim() > self.limits.max_ndim:
+            raise ValueError(f"key {key!r}: ndim {t.dim()} is more than the peer accepts "
+                             f"(max_ndim={self.limits.max_ndim})")
 
-        # header path: encode (may raise: nothing sent yet), pack, then post head + the rest
-        sid = schema.schema_id()
-        need_schema = sid not in self._sent_schemas
+    def _post_declared_hop(self, payloads, schema, tokens, seq, what, works, keep) -> None:
+        """No header: a 16-byte fingerprint leads each device type's payload."""
+        fp = self._fingerprint(schema, tokens, seq)
+        for part, srcs in payloads:
+            total = len(fp) + part.wire_layout.nbytes
+            buf = self._buffer(srcs, part.device_type, total)
+            buf[: len(fp)].copy_(torch.frombuffer(bytearray(fp), dtype=torch.uint8),
+                                 non_blocking=True)
+            grp = self.cpu_group if part.device_type == "cpu" else self.group
+            msgs = [(s_, e_, transport.PAYLOAD_TAG)
+                    for s_, e_ in self._chunks(0, total, part.device_type)]
+            keep.append(buf)
+            self._pack_and_post(srcs, part, buf, len(fp), msgs, grp, works, what)
+
+    def _post_header_hop(self, payloads, parts, schema, shapes, values, need_schema, seq, what,
+                         works, keep) -> None:
+        """Header path: encode (may raise: nothing sent yet), pack, post head + the rest."""
         header = wire.Header(
-            schema_id=sid, schema=schema if need_schema else None, shapes=shapes,
-            values=tuple(values),
+            schema_id=schema.schema_id(), schema=schema if need_schema else None,
+            shapes=shapes, values=tuple(values),
             payload_nbytes={p.device_type: p.wire_layout.nbytes for p in parts}, seq=seq,
         )
         slot, overflow = wire.encode_header(header, slot_bytes=self.slot_bytes,
@@ -361,30 +424,22 @@ class TensorDictChannel:
         head[:S].copy_(torch.frombuffer(bytearray(slot), dtype=torch.uint8))
         if P < h:
             head[S + P : S + h].zero_()
-        # nothing can fail past this point but the transport itself
-        if need_schema:
-            wire.cache_schema(self._sent_schemas, schema)
-        self._send_head = self._next_head(P)
-        keep: list[Any] = [head]
-        works = []
-        msgs = [(0, S + h, transport.HEADER_TAG)]
+        keep.append(head)
+        msgs: list[tuple[Any, Any, int]] = [(0, S + h, transport.HEADER_TAG)]
         if overflow is not None:
             ov = torch.frombuffer(bytearray(overflow), dtype=torch.uint8)
             keep.append(ov)
             msgs.append((ov, None, transport.HEADER_TAG))
         msgs += [(s_, e_, transport.PAYLOAD_TAG) for s_, e_ in self._chunks(S + h, S + P, "cpu")]
-        if cpu is not None:
-            works += self._pack_and_post(cpu[1], cpu[0], head, S, msgs, self.cpu_group)
-        else:
-            works += self._pack_and_post([], None, head, S, msgs, self.cpu_group)
+        self._pack_and_post(cpu[1] if cpu else [], cpu[0] if cpu else None, head, S, msgs,
+                            self.cpu_group, works, what)
         for part, srcs in payloads:
             if part.device_type == "cpu" or part.wire_layout.nbytes == 0:
                 continue
             buf = self._buffer(srcs, part.device_type, part.wire_layout.nbytes)
-            works += self._pack_and_post(srcs, part, buf, 0,
-                                         [(0, buf.numel(), transport.PAYLOAD_TAG)], self.group)
             keep.append(buf)
-        return [self._track(Handle(works, keep, what=what, timeout=self.timeout))]
+            self._pack_and_post(srcs, part, buf, 0, [(0, buf.numel(), transport.PAYLOAD_TAG)],
+                                self.group, works, what)
 
     def _next_head(self, cpu_payload_nbytes: int) -> int:
         """Inline room of the next head message: this hop's CPU payload size, capped.
@@ -414,6 +469,10 @@ class TensorDictChannel:
         if failed is not None:
             raise RuntimeError(f"an earlier {failed._what} failed: {failed.error}") \
                 from failed.error
+        if self._send_broken is not None:
+            raise RuntimeError(f"the channel to rank {self.peer_global} is out of step since a "
+                               f"send failed half-way ({self._send_broken!r})") \
+                from self._send_broken
 
     def _is_sliced(self, key: str, device_type: str, numel: int) -> bool:
         """The TP rule: sliced when the all-gather group can carry it and numel divides by W."""
@@ -490,13 +549,15 @@ class TensorDictChannel:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def _pack_and_post(self, srcs: list[torch.Tensor], part: _Part | None, buf: torch.Tensor,
-                       p: int, msgs: list[tuple[Any, Any, int]], grp: Any) -> list[Any]:
+                       p: int, msgs: list[tuple[Any, Any, int]], grp: Any, works: list[Any],
+                       what: str) -> None:
         """Packs ``srcs`` into ``buf[p:]`` and posts one send per message, in order.
 
         A message is ``(start, end, tag)`` over ``buf`` or ``(tensor, None, tag)``. With one
         message holding payload bytes the pack is one call (one launch on CUDA); with several
         (a large CPU payload) each message's bytes are copied just before it is posted, so the
-        copy of one chunk overlaps the send of the ones before it.
+        copy of one chunk overlaps the send of the ones before it. Posted works are appended
+        to ``works`` as they go, so a caller can tell whether anything reached the wire.
         """
         layout = part.wire_layout if part is not None else None
         n = layout.nbytes if layout is not None else 0
@@ -505,15 +566,14 @@ class TensorDictChannel:
         if n and not progressive:
             pack(srcs, out=buf[p : p + n], layout=layout, names=part.wire_names)
         flat = []
-        if progressive:
+        if progressive:  # every source checked and flattened before the first send
             for t, e, name in zip(srcs, layout.entries, part.wire_names):
                 if t.dtype != e.dtype or tuple(t.shape) != e.shape:
                     raise ValueError(f"key {name!r}: tensor does not match its layout entry")
-                flat.append(t.contiguous().reshape(-1).view(torch.uint8) if e.nbytes else None)
-        works = []
+                flat.append(_byte_view(t) if e.nbytes else None)
         for start, end, tag in msgs:
             if end is None:
-                works.append(transport.isend(start, self.peer_global, grp, tag))
+                works.append(transport.isend(start, self.peer_global, grp, tag, what=what))
                 continue
             if progressive:
                 for j, e in enumerate(layout.entries):
@@ -521,8 +581,7 @@ class TensorDictChannel:
                     hi = min(end, p + e.offset + e.nbytes)
                     if hi > lo:
                         buf[lo:hi].copy_(flat[j][lo - p - e.offset : hi - p - e.offset])
-            works.append(transport.isend(buf[start:end], self.peer_global, grp, tag))
-        return works
+            works.append(transport.isend(buf[start:end], self.peer_global, grp, tag, what=what))
 
     # ------------------------------------------------------------------ declared (no header)
 
@@ -674,8 +733,8 @@ class TensorDictChannel:
         where = f"receive #{seq} from rank {self.peer_global}"
         S = self.slot_bytes
         head = torch.empty(S + self._recv_head, dtype=torch.uint8)
-        self._wait(transport.irecv(head, self.peer_global, self.cpu_group,
-                                   transport.HEADER_TAG), f"header of {where}")
+        self._wait(transport.irecv(head, self.peer_global, self.cpu_group, transport.HEADER_TAG,
+                                   what=f"header of {where}"), f"header of {where}")
         raw = head[:S].numpy().tobytes()
         header, ov_len = wire.decode_header(raw, slot_bytes=S, limits=self.limits,
                                             allow_pickle=self.allow_pickle,
@@ -683,7 +742,8 @@ class TensorDictChannel:
         if header is None:
             ov = torch.empty(ov_len, dtype=torch.uint8)
             self._wait(transport.irecv(ov, self.peer_global, self.cpu_group,
-                                       transport.HEADER_TAG), f"header overflow of {where}")
+                                       transport.HEADER_TAG, what=f"header overflow of {where}"),
+                       f"header overflow of {where}")
             header, _ = wire.decode_header(raw, ov.numpy().tobytes(), slot_bytes=S,
                                            limits=self.limits, allow_pickle=self.allow_pickle,
                                            schema_cache=self._recv_schemas)
@@ -705,6 +765,14 @@ class TensorDictChannel:
             if f.sliced and (self._tp_world <= 1 or f.device_type != self._tp_device):
                 raise ValueError(f"key {f.key!r}: the sender sliced it for an all-gather but this "
                                  "receiver has no matching all_gather_group")
+        for f, shape in zip(schema.tensor_fields(), header.shapes):
+            span = f.dtype.itemsize
+            for d in shape:
+                span *= max(d, 1)
+            if span > self.limits.max_payload_bytes:  # also bounds strides of empty tensors
+                raise ValueError(f"receive #{seq} from rank {self.peer_global}: key {f.key!r} "
+                                 f"has shape {shape}, out of range for max_payload_bytes="
+                                 f"{self.limits.max_payload_bytes}")
         parts = self._parts(schema, header.shapes)
         announced = dict(header.payload_nbytes)
         for p in parts:
@@ -737,7 +805,9 @@ class TensorDictChannel:
                     buf = torch.empty(n, dtype=torch.uint8)
                     buf[:h].copy_(head[S : S + h])
                     works = [transport.irecv(buf[s - S : e - S], self.peer_global,
-                                             self.cpu_group, transport.PAYLOAD_TAG)
+                                             self.cpu_group, transport.PAYLOAD_TAG,
+                                             what=f"payload of receive #{seq} from rank "
+                                                  f"{self.peer_global}")
                              for s, e in self._chunks(S + h, S + n, "cpu")]
                     handles.append(Handle(works, [buf], timeout=self.timeout,
                                           what=f"payload of receive #{seq} from rank "
@@ -769,7 +839,8 @@ class TensorDictChannel:
                 if device_type == "cuda" else torch.device(device_type)
             buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
             grp = self.group
-        works = [transport.irecv(buf[s:e], self.peer_global, grp, transport.PAYLOAD_TAG)
+        works = [transport.irecv(buf[s:e], self.peer_global, grp, transport.PAYLOAD_TAG,
+                                 what=f"payload of receive #{seq} from rank {self.peer_global}")
                  for s, e in self._chunks(0, nbytes, device_type)]
         if not works:
             return buf, None

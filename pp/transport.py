@@ -33,14 +33,26 @@ def _tag(group: dist.ProcessGroup | None, tag: int) -> int:
     return tag if backend_of(group) == "gloo" else 0
 
 
-def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int) -> Any:
-    """Posts a send of ``buf`` to global rank ``peer``; returns the backend's work object."""
-    return dist.isend(buf, peer, group=group, tag=_tag(group, tag))
+def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
+          what: str = "") -> Any:
+    """Posts a send of ``buf`` to global rank ``peer``; returns the backend's work object.
+
+    ``what`` names the step in the error when posting itself fails (a peer already gone).
+    """
+    try:
+        return dist.isend(buf, peer, group=group, tag=_tag(group, tag))
+    except RuntimeError as e:
+        raise RuntimeError(f"{what or f'send to rank {peer}'} could not be posted: {e}") from e
 
 
-def irecv(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int) -> Any:
+def irecv(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
+          what: str = "") -> Any:
     """Posts a receive into ``buf`` (its exact size) from global rank ``peer``."""
-    return dist.irecv(buf, peer, group=group, tag=_tag(group, tag))
+    try:
+        return dist.irecv(buf, peer, group=group, tag=_tag(group, tag))
+    except RuntimeError as e:
+        raise RuntimeError(f"{what or f'receive from rank {peer}'} could not be posted: {e}") \
+            from e
 
 
 def all_gather_into(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
