@@ -21,6 +21,7 @@ from .channel import (
     PendingRecv,
     TensorDictChannel,
 )
+from .stage import StageDriver
 from .transport import REAPER, Handle
 from .wire import Limits, WireError
 
@@ -40,4 +41,5 @@ __all__ = [
     "WireError",
     "DEFAULT_SLOT_BYTES",
     "DEFAULT_CHUNK_BYTES",
+    "StageDriver",
 ]

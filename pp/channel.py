@@ -174,9 +174,7 @@ class PendingRecv:
             return True
         if self._future is not None and not self._future.done():
             return False
-        if self._posted is None and self._future is None:
-            return False
-        d, handles, _ = self._posted_now(None)
+        d, handles, _ = self._posted_now(None)  # posted already: no wait here
         return all(h.is_completed() for h in handles)
 
 
