@@ -629,6 +629,22 @@ def _encode_failure_message(e: _EncodeFailure, key: str, max_depth: int) -> Base
     )
 
 
+def _count_items(value: Any) -> int:
+    """Container items in a plain value, counted the way the decoder counts them."""
+    total = 0
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is list or t is tuple:
+            total += len(v)
+            stack.extend(x for x in v if type(x) in (list, tuple, dict))
+        elif t is dict:
+            total += 2 * len(v)
+            stack.extend(x for kv in v.items() for x in kv if type(x) in (list, tuple, dict))
+    return total
+
+
 def _encode_into(
     out: list[bytes], value: Any, key: str, allow_pickle: bool, limits: Limits
 ) -> None:
@@ -987,6 +1003,15 @@ def encode_header(
             f"plain values encode to {vbytes} bytes, more than "
             f"max_plain_bytes={limits.max_plain_bytes}"
         )
+    if vbytes > limits.max_items:  # every item takes a byte: only then can there be too many
+        items = 0
+        for key, v in zip(keys, values):
+            items += _count_items(v)
+            if items > limits.max_items:
+                raise ValueError(
+                    f"key {key!r}: plain values hold more than max_items={limits.max_items} "
+                    "container items in all, more than the peer accepts"
+                )
 
     body_total = sum(map(len, parts))
     cap = slot_bytes - PREFIX_BYTES

@@ -16,8 +16,8 @@ What each part protects (DESIGN.md, "Semantics that must hold"):
 - bad input: every kind of bad input raises on the sender and puts nothing on the wire (the
   next good dict arrives intact); the test also produces the table in README.md.
 
-Known defects are pinned by ``xfail(strict=True)`` tests at the end of this file, each with a
-minimal reproducer in its docstring.
+The tests at the end of this file are regression tests for defects these tests found, each
+with its original reproducer in the docstring.
 """
 
 from __future__ import annotations
@@ -616,8 +616,8 @@ def _dedicated_fuzz_cases() -> list[_FuzzCase]:
 def _mutated_fuzz_cases(n: int, seed: int) -> list[_FuzzCase]:
     """Random bytes, random bodies behind a valid prefix, and 1-8 byte mutations of valid slots.
 
-    Base slots use shapes of rank <= 2 without zero dims: their mutations cannot reach the
-    known stride-overflow defect (pinned by its own xfail test below).
+    Base slots use shapes of rank <= 2 without zero dims (the stride-overflow case of an empty
+    tensor has its own regression test below).
     """
     rng = random.Random(seed)
     bases = [
@@ -1173,13 +1173,7 @@ def _peer_refuses_body(rank: int, world: int, case: str, tmp: str) -> None:
         _record(tmp, rank, ok=True)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=(
-        "known gap: the sender does not count plain-value container items against "
-        "max_items (the receiver does), so it sends a dict its peer refuses")))
-    if "max_items" in c else c
-    for c in _PEER_REFUSES
-])
+@pytest.mark.parametrize("case", list(_PEER_REFUSES))
 def test_sender_refuses_what_a_peer_with_the_same_limits_refuses(tmp_path, case: str) -> None:
     """Reproducer: TensorDictChannel(1).isend({"x": torch.zeros([1] * 17)}) returns; the
     peer's recv() raises WireError "schema: key 'x' has ndim 17, more than max_ndim=16"."""
