@@ -28,9 +28,17 @@ def backend_of(group: dist.ProcessGroup | None) -> str:
     return str(dist.get_backend(group)).lower()
 
 
+_GLOO: dict[int, tuple[Any, bool]] = {}
+
+
 def _tag(group: dist.ProcessGroup | None, tag: int) -> int:
-    # NCCL ignores tags; gloo uses them to keep header and payload streams apart
-    return tag if backend_of(group) == "gloo" else 0
+    # NCCL ignores tags; gloo uses them to keep header and payload streams apart. Asking
+    # torch for the backend costs ~20 us a call here, so the answer is kept per group (the
+    # group object is held too, so its id cannot be reused by another group)
+    hit = _GLOO.get(id(group))
+    if hit is None or hit[0] is not group:
+        hit = _GLOO[id(group)] = (group, backend_of(group) == "gloo")
+    return tag if hit[1] else 0
 
 
 def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
