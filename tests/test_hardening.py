@@ -43,6 +43,7 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import check_dict, check_tensor, raw_bytes
 from _dist import run_ranks
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
@@ -133,47 +134,6 @@ def _result(tmp: str | Path, rank: int) -> dict[str, Any]:
     path = Path(tmp) / f"result{rank}.json"
     assert path.exists(), f"rank {rank} recorded no result (did it abort or hang?)"
     return json.loads(path.read_text())
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    # clone, not contiguous(): an empty tensor with a non-unit stride counts as contiguous
-    # but cannot be viewed as bytes
-    return t.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
-
-
-def _check_tensor(got: Any, want: torch.Tensor, key: str) -> None:
-    assert isinstance(got, torch.Tensor), f"{key}: got {type(got).__name__}, not a tensor"
-    assert got.dtype == want.dtype, f"{key}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{key}: shape {got.shape} != {want.shape}"
-    assert got.device.type == want.device.type, f"{key}: device {got.device} != {want.device}"
-    if want.device.type != "meta":  # meta tensors have no bytes to compare
-        assert torch.equal(_raw(got), _raw(want)), f"{key}: bytes differ"
-
-
-def _check_plain(got: Any, want: Any, path: str) -> None:
-    assert type(got) is type(want), f"{path}: type {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, float):
-        assert struct.pack("<d", got) == struct.pack("<d", want), f"{path}: {got!r} != {want!r}"
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{path}: length {len(got)} != {len(want)}"
-        for i, (a, b) in enumerate(zip(got, want)):
-            _check_plain(a, b, f"{path}[{i}]")
-    elif isinstance(want, dict):
-        assert list(got) == list(want), f"{path}: keys {list(got)} != {list(want)}"
-        for k in want:
-            _check_plain(got[k], want[k], f"{path}[{k!r}]")
-    else:
-        assert got == want, f"{path}: {got!r} != {want!r}"
-
-
-def _check_dict(got: Any, want: Mapping[str, Any]) -> None:
-    assert isinstance(got, dict), f"received {type(got).__name__}, not a dict"
-    assert list(got) == list(want), f"key order {list(got)} != {list(want)}"
-    for k, w in want.items():
-        if isinstance(w, torch.Tensor):
-            _check_tensor(got[k], w, repr(k))
-        else:
-            _check_plain(got[k], w, repr(k))
 
 
 class _Done:
@@ -316,11 +276,11 @@ def test_property_pack_unpack_unpack_into_bit_exact(impl: str, tensors: list[tor
     written = torch.zeros(out.numel(), dtype=torch.bool)
     for i, (t, e) in enumerate(zip(tensors, layout.entries)):
         written[e.offset : e.offset + e.nbytes] = True
-        assert torch.equal(out[e.offset : e.offset + e.nbytes], _raw(t)), f"entry {i} bytes"
+        assert torch.equal(out[e.offset : e.offset + e.nbytes], raw_bytes(t)), f"entry {i} bytes"
     assert bool((out[~written] == _CANARY).all()), "pack wrote outside its entries"
     views = unpack(buf, layout)
     for i, (t, v) in enumerate(zip(tensors, views)):
-        _check_tensor(v, t, f"entry {i}")
+        check_tensor(v, t, f"entry {i}")
         assert v.is_contiguous()
         assert v.untyped_storage().data_ptr() == out.untyped_storage().data_ptr(), "not a view"
     dests = [_destination(t, dest_kind) for t in tensors]
@@ -328,7 +288,7 @@ def test_property_pack_unpack_unpack_into_bit_exact(impl: str, tensors: list[tor
     for i, (t, (d, storage)) in enumerate(zip(tensors, dests)):
         n = t.shape[0] if t.dim() else None
         got = d if n is None or d.shape[0] == n else d[:n]
-        _check_tensor(got, t, f"destination {i}")
+        check_tensor(got, t, f"destination {i}")
         if got is not d:  # rows past n are untouched (compared as stored bytes)
             row = math.prod(t.shape[1:]) * t.element_size()
             assert bool((storage[n * row :] == _CANARY).all()), f"destination {i}: past row {n}"
@@ -370,7 +330,7 @@ def _local_hop(d: Mapping[str, Any], impl: str, slot_bytes: int) -> dict[str, An
 def test_property_dict_round_trips_through_wire_format_and_kernels(
         impl: str, d: dict[str, Any], slot_bytes: int) -> None:
     """A random dict survives header encode/decode plus pack/unpack: keys, order, bytes, types."""
-    _check_dict(_local_hop(d, impl, slot_bytes), d)
+    check_dict(_local_hop(d, impl, slot_bytes), d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +389,7 @@ def _channel_property_body(rank: int, world: int, dicts: list[dict[str, Any]],
             posted += 1
         got = pending.popleft().wait()
         try:
-            _check_dict(got, want)
+            check_dict(got, want)
         except AssertionError as e:
             raise AssertionError(f"dict #{i} of {len(dicts)}: {e}\nsent: {want!r}") from None
     ch.close()
@@ -774,7 +734,7 @@ def _header_only_body(rank: int, world: int, mode: str, tmp: str) -> None:
         _wait_for_file(os.path.join(tmp, "result1.json"), timeout=TIMEOUT_S)  # alive, silent
         return
     ch = TensorDictChannel(0, timeout=CHANNEL_TIMEOUT_S if mode == "stalls" else TIMEOUT_S)
-    _check_dict(ch.recv(), _fault_hop(0, tokens=1))
+    check_dict(ch.recv(), _fault_hop(0, tokens=1))
     _, handles, _ = ch.irecv_posted()  # hop 1's header arrived; its payload receive is posted
     assert handles, "hop 1 should need a payload message"
     _touch(os.path.join(tmp, "header1"))
@@ -805,7 +765,7 @@ def test_sender_dies_or_stalls_between_header_and_payload(tmp_path, mode: str) -
 def _receiver_exits_body(rank: int, world: int, tmp: str) -> None:
     if rank == 1:
         ch = TensorDictChannel(0)
-        _check_dict(ch.recv(), _fault_hop(0))
+        check_dict(ch.recv(), _fault_hop(0))
         _wait_for_file(os.path.join(tmp, "posted"), timeout=TIMEOUT_S)
         time.sleep(0.2)
         os._exit(0)  # hop 1's send is still outstanding
@@ -849,7 +809,7 @@ def _silent_after_two_body(rank: int, world: int, mode: str, tmp: str) -> None:
         return
     ch = TensorDictChannel(0, declared=declared, timeout=CHANNEL_TIMEOUT_S)
     for i in range(2):
-        _check_dict(ch.irecv(num_tokens=4).wait(), _fault_hop(i))
+        check_dict(ch.irecv(num_tokens=4).wait(), _fault_hop(i))
     info: dict[str, Any] = {}
     t0 = time.monotonic()
     try:
@@ -1040,16 +1000,16 @@ def _bad_input_body(rank: int, world: int, tmp: str) -> None:
                                    timeout=TIMEOUT_S)
             recv = lambda: ch.irecv(num_tokens=4).wait()  # noqa: E731, B023
         good = _decl_dict if api == "declared channel" else _good
-        _check_dict(recv(), good(0))
+        check_dict(recv(), good(0))
         for i, case in enumerate(cases, start=1):
             if case.accepted:
                 want = case.build()
                 got = recv()
-                _check_dict(got, want)
+                check_dict(got, want)
                 assert not any(isinstance(v, torch.Tensor) and v.requires_grad
                                for v in got.values())
             try:
-                _check_dict(recv(), good(i))
+                check_dict(recv(), good(i))
             except Exception as e:
                 raise AssertionError(f"{api}: the good dict after {case.what!r}: {e}") from e
 
@@ -1128,8 +1088,8 @@ def _pack_failure_body(rank: int, world: int, mode: str, tmp: str) -> None:
     ch = TensorDictChannel(0, declared=declared, timeout=5)
     info: dict[str, Any] = {}
     try:
-        _check_dict(ch.irecv(num_tokens=4).wait(), good(0))
-        _check_dict(ch.irecv(num_tokens=4).wait(), good(2))
+        check_dict(ch.irecv(num_tokens=4).wait(), good(0))
+        check_dict(ch.irecv(num_tokens=4).wait(), good(2))
         info["ok"] = True
     except Exception as e:  # noqa: BLE001
         info["error"] = repr(e)
@@ -1166,7 +1126,7 @@ def _peer_refuses_body(rank: int, world: int, case: str, tmp: str) -> None:
         return
     ch = TensorDictChannel(0, timeout=5)
     try:
-        _check_dict(ch.recv(), _good(0))
+        check_dict(ch.recv(), _good(0))
     except Exception as e:  # noqa: BLE001
         _record(tmp, rank, error=repr(e))
     else:
@@ -1238,7 +1198,7 @@ def _after_death_body(rank: int, world: int, side: str, tmp: str) -> None:
     survivor = 0 if side == "send" else 1
     if rank != survivor:
         if side == "send":
-            _check_dict(TensorDictChannel(0).recv(), _fault_hop(0))
+            check_dict(TensorDictChannel(0).recv(), _fault_hop(0))
         else:
             TensorDictChannel(1).isend(_fault_hop(0))
             REAPER.drain(TIMEOUT_S)
@@ -1249,7 +1209,7 @@ def _after_death_body(rank: int, world: int, side: str, tmp: str) -> None:
         REAPER.drain(TIMEOUT_S)
     else:
         ch = TensorDictChannel(0, timeout=5)
-        _check_dict(ch.recv(), _fault_hop(0))
+        check_dict(ch.recv(), _fault_hop(0))
     time.sleep(0.5)  # the peer is gone before the next call
     try:
         if side == "send":
@@ -1298,7 +1258,7 @@ def _strided_scalar_body(rank: int, world: int, tmp: str) -> None:
     ch = TensorDictChannel(0, timeout=5)
     try:
         for d in hops:
-            _check_dict(ch.recv(), d)
+            check_dict(ch.recv(), d)
     except Exception as e:  # noqa: BLE001 - the sender's record says why
         _record(tmp, rank, error=repr(e))
     else:

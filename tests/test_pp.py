@@ -13,7 +13,6 @@ import dataclasses
 import enum
 import json
 import os
-import struct
 import tempfile
 import time
 import traceback
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _checks import check_dict, check_tensor
 from _dist import run_ranks
 
 from pipepack.pp import (
@@ -69,45 +69,6 @@ def _run(world: int, fn: Callable[..., None], *args: Any, timeout_s: float = TIM
             if tbs:
                 raise AssertionError("\n".join(tbs)) from e
             raise
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _check_tensor(got: Any, want: torch.Tensor, key: str) -> None:
-    assert isinstance(got, torch.Tensor), f"{key}: got {type(got).__name__}, not a tensor"
-    assert got.dtype == want.dtype, f"{key}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{key}: shape {got.shape} != {want.shape}"
-    assert got.device.type == want.device.type, f"{key}: device {got.device} != {want.device}"
-    assert torch.equal(_raw(got), _raw(want)), f"{key}: bytes differ"
-
-
-def _check_plain(got: Any, want: Any, path: str) -> None:
-    assert type(got) is type(want), f"{path}: type {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, float):
-        assert struct.pack("<d", got) == struct.pack("<d", want), f"{path}: {got!r} != {want!r}"
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{path}: length {len(got)} != {len(want)}"
-        for i, (a, b) in enumerate(zip(got, want)):
-            _check_plain(a, b, f"{path}[{i}]")
-    elif isinstance(want, dict):
-        assert list(got) == list(want), f"{path}: keys {list(got)} != {list(want)}"
-        for k in want:
-            _check_plain(got[k], want[k], f"{path}[{k!r}]")
-    else:
-        assert got == want, f"{path}: {got!r} != {want!r}"
-
-
-def _check_dict(got: Any, want: Mapping[str, Any]) -> None:
-    assert isinstance(got, dict), f"received {type(got).__name__}, not a dict"
-    assert list(got) == list(want), f"key order {list(got)} != {list(want)}"
-    for k, w in want.items():
-        if isinstance(w, torch.Tensor):
-            _check_tensor(got[k], w, k)
-            assert got[k].is_contiguous(), f"{k}: received view is not contiguous"
-        else:
-            _check_plain(got[k], w, k)
 
 
 def _check_one_storage(d: Mapping[str, Any]) -> None:
@@ -243,7 +204,7 @@ def _engine_dicts_body(rank: int, world: int, api: str) -> None:
     if api == "blocking":
         for want in wants:
             got = recv_tensor_dict()
-            _check_dict(got, want)
+            check_dict(got, want, contiguous=True)
             _check_one_storage(got)
     else:
         # several hops in flight: post every receive before waiting on any
@@ -253,7 +214,7 @@ def _engine_dicts_body(rank: int, world: int, api: str) -> None:
                 h.wait()
                 assert h.is_completed()
             assert post == [], "no all_gather_group: nothing to post-process"
-            _check_dict(got, want)
+            check_dict(got, want, contiguous=True)
             _check_one_storage(got)
 
 
@@ -289,7 +250,7 @@ def _storage_body(rank: int, world: int) -> None:
         return
     for want in _storage_dicts():
         got = recv_tensor_dict()
-        _check_dict(got, want)
+        check_dict(got, want, contiguous=True)
         _check_one_storage(got)
         tensors = [v for v in got.values() if isinstance(v, torch.Tensor)]
         nonempty = [t for t in tensors if t.numel()]
@@ -323,12 +284,12 @@ def _ring_body(rank: int, world: int) -> None:
             "ids": torch.arange(t) + rank,
         })
         got = recv_tensor_dict()
-        _check_dict(got, {
+        check_dict(got, {
             "src": prev,
             "hop": hop,
             "x": torch.full((t, 8), float(prev * 100 + hop)),
             "ids": torch.arange(t) + prev,
-        })
+        }, contiguous=True)
     # a pipeline: stage 0 injects micro-batches, stages 1 and 2 each add (rank + 1) and forward,
     # and the ring brings them back to stage 0
     n_mb = 4
@@ -337,7 +298,8 @@ def _ring_body(rank: int, world: int) -> None:
             send_tensor_dict({"mb": mb, "h": torch.full((mb + 2, 16), float(mb))})
         for mb in range(n_mb):
             got = recv_tensor_dict()
-            _check_dict(got, {"mb": mb, "h": torch.full((mb + 2, 16), float(mb + 2 + 3))})
+            check_dict(got, {"mb": mb, "h": torch.full((mb + 2, 16), float(mb + 2 + 3))},
+                       contiguous=True)
     else:
         for _ in range(n_mb):
             got = recv_tensor_dict()
@@ -411,13 +373,13 @@ def _hops_body(rank: int, world: int, tmp: str) -> None:
     for i in range(N_HOPS):
         got = recv_tensor_dict()
         assert got["step"] == i, f"hop {got['step']} arrived in place of {i} (FIFO broken)"
-        _check_dict(got, _hop_dict(i))
+        check_dict(got, _hop_dict(i), contiguous=True)
         _check_one_storage(got)
         if i in (0, 1, 25, 100, 175):
             kept[i] = got
     # earlier hops' views stay valid: later receives never reuse their buffers
     for i, got in kept.items():
-        _check_dict(got, _hop_dict(i))
+        check_dict(got, _hop_dict(i), contiguous=True)
 
 
 def test_200_hops_changing_shapes_fifo_and_sources_overwritten(tmp_path) -> None:
@@ -475,7 +437,7 @@ def _inflight_body(rank: int, world: int, mode: str) -> None:
             sent_at = got["sent_at"].item()
             assert posted_at < sent_at, "irecv() returned only after the peer sent"
             want["sent_at"] = torch.tensor(sent_at, dtype=torch.float64)
-            _check_dict(got, want)
+            check_dict(got, want, contiguous=True)
             _check_one_storage(got)
             assert pending[j].is_completed()
             assert pending[j].wait() is got
@@ -577,7 +539,7 @@ def _pp_tp_body(rank: int, world: int) -> None:
         assert bool(post) == expect_post, f"step {want['step']}: postprocess {post}"
         for fn in post:
             fn()
-        _check_dict(got, want)
+        check_dict(got, want, contiguous=True)
         _check_one_storage(got)
 
 
@@ -639,7 +601,7 @@ def _bad_input_body(rank: int, world: int) -> None:
             send_tensor_dict(_good(i))
         return
     for i in range(7):
-        _check_dict(recv_tensor_dict(), _good(i))
+        check_dict(recv_tensor_dict(), _good(i), contiguous=True)
 
 
 def test_unencodable_value_fails_on_sender_before_sending() -> None:
@@ -657,7 +619,7 @@ def _pickle_body(rank: int, world: int, tmp: str) -> None:
         TensorDictChannel(1, allow_pickle=True).isend({"obj": _Evil(evil_marker)})
         return
     got = recv_tensor_dict(allow_pickle=True)
-    _check_tensor(got["x"], torch.arange(3), "x")
+    check_tensor(got["x"], torch.arange(3), "x")
     assert type(got["obj"]) is _Point and got["obj"] == _Point(3, "p")
     assert type(got["enum"]) is _Color and got["enum"] is _Color.RED
     assert type(got["od"]) is collections.OrderedDict and got["od"] == {"a": 1}
@@ -688,7 +650,7 @@ def _refused_then_next_body(rank: int, world: int, tmp: str) -> None:
         _record(tmp, rank, outcome="raised", error=repr(e))
         return
     _record(tmp, rank, outcome="returned")
-    _check_dict(got, {"t": torch.ones(n), "other": 1})
+    check_dict(got, {"t": torch.ones(n), "other": 1}, contiguous=True)
 
 
 def test_receive_error_does_not_corrupt_the_next_receive(tmp_path) -> None:
@@ -762,8 +724,8 @@ def _declared_send_check_body(rank: int, world: int) -> None:
     ch = TensorDictChannel(0, declared=declared)
     # the fingerprint carries a sequence number: a failed send that consumed one would fail
     # here too
-    _check_dict(ch.irecv(num_tokens=5).wait(), _mb_dict(0, 5))
-    _check_dict(ch.irecv(num_tokens=2).wait(), _mb_dict(1, 2))
+    check_dict(ch.irecv(num_tokens=5).wait(), _mb_dict(0, 5), contiguous=True)
+    check_dict(ch.irecv(num_tokens=2).wait(), _mb_dict(1, 2), contiguous=True)
 
 
 def test_declared_send_rejects_dict_not_matching_its_declaration() -> None:
@@ -796,7 +758,7 @@ def _dead_sender_body(rank: int, world: int, when: str, tmp: str) -> None:
         time.sleep(0.2)
         os._exit(0)  # dies without sending the hop the receiver waits for
     if when == "after_one_hop":
-        _check_dict(recv_tensor_dict(), {"x": torch.arange(4)})
+        check_dict(recv_tensor_dict(), {"x": torch.arange(4)}, contiguous=True)
     t0 = time.monotonic()
     try:
         recv_tensor_dict()
@@ -819,7 +781,7 @@ def test_receiver_raises_when_sender_process_exits(tmp_path, when: str) -> None:
 
 def _dead_receiver_body(rank: int, world: int, tmp: str) -> None:
     if rank == 1:
-        _check_dict(recv_tensor_dict(), {"x": torch.arange(4)})
+        check_dict(recv_tensor_dict(), {"x": torch.arange(4)}, contiguous=True)
         os._exit(0)
     send_tensor_dict({"x": torch.arange(4)})
     t0 = time.monotonic()
