@@ -33,9 +33,7 @@ import os
 import random
 import re
 import struct
-import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -89,28 +87,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # ---------------------------------------------------------------------------------------------
 # helpers (the pattern of tests/test_pp.py: assert inside the ranks, record outcomes to files)
 # ---------------------------------------------------------------------------------------------
-
-
-def _traced(rank: int, world: int, errdir: str, fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        with open(os.path.join(errdir, f"rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _run(world: int, fn: Callable[..., None], *args: Any, timeout_s: float = TIMEOUT_S) -> None:
-    """``run_ranks``, plus each failing rank's traceback in the error."""
-    with tempfile.TemporaryDirectory() as errdir:
-        try:
-            run_ranks(world, _traced, errdir, fn, *args, timeout_s=timeout_s)
-        except Exception as e:
-            tbs = [f"--- rank {r} ---\n" + open(os.path.join(errdir, f"rank{r}.txt")).read()
-                   for r in range(world) if os.path.exists(os.path.join(errdir, f"rank{r}.txt"))]
-            if tbs:
-                raise AssertionError("\n".join(tbs)) from e
-            raise
 
 
 def _touch(path: str, text: str = "") -> None:
@@ -406,7 +382,7 @@ def test_property_random_dicts_through_a_two_rank_channel(chunk_bytes: int) -> N
              for d in _draw_dicts(N_CHANNEL_DICTS, seed=20_240 + chunk_bytes)]
     assert len(dicts) == N_CHANNEL_DICTS
     dicts += dicts[:10]  # their schemas were evicted from the receiver's cache: sent again
-    _run(2, _channel_property_body, dicts, chunk_bytes, timeout_s=TIMEOUT_S)
+    run_ranks(2, _channel_property_body, dicts, chunk_bytes, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,7 +658,7 @@ def test_channel_refuses_corrupt_headers_before_posting_any_payload_receive(tmp_
     valid control header is accepted and posts a payload receive of exactly the announced size.
     """
     cases = _dedicated_fuzz_cases()
-    _run(2, _fuzz_body, cases, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _fuzz_body, cases, str(tmp_path), timeout_s=TIMEOUT_S)
     results = json.loads((tmp_path / "fuzz.json").read_text())
     assert len(results) == len(cases)
     assert results[0]["outcome"] == "accepted"
@@ -693,7 +669,7 @@ def test_channel_survives_random_and_mutated_headers(tmp_path) -> None:
     """400 random or mutated slots: each is refused (ValueError, no payload receive posted)
     or accepted with payload receives of exactly the sizes the slot announced, within limits."""
     cases = _mutated_fuzz_cases(400, seed=7)
-    _run(2, _fuzz_body, cases, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _fuzz_body, cases, str(tmp_path), timeout_s=TIMEOUT_S)
     results = json.loads((tmp_path / "fuzz.json").read_text())
     assert len(results) == len(cases)
     refused = sum(r["outcome"] == "refused" for r in results)
@@ -752,7 +728,7 @@ def _header_only_body(rank: int, world: int, mode: str, tmp: str) -> None:
 def test_sender_dies_or_stalls_between_header_and_payload(tmp_path, mode: str) -> None:
     """The payload wait raises, naming rank 0 and receive #1: at once when the sender's process
     exits, after the channel timeout (2 s) when it stays alive without sending."""
-    _run(2, _header_only_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _header_only_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
     res = _result(tmp_path, 1)
     assert res["raised"], "the payload wait returned although the payload was never sent"
     assert "payload of receive #1 from rank 0" in res["error"], res
@@ -792,7 +768,7 @@ def _receiver_exits_body(rank: int, world: int, tmp: str) -> None:
 def test_receiver_dies_with_a_send_outstanding(tmp_path) -> None:
     """The outstanding send's wait() raises naming rank 1 and send #1; the next isend re-raises
     it rather than posting into a dead peer."""
-    _run(2, _receiver_exits_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _receiver_exits_body, str(tmp_path), timeout_s=TIMEOUT_S)
     res = _result(tmp_path, 0)
     assert "send #1 to rank 1 failed" in res.get("wait_error", ""), res
     assert res["wait_elapsed"] < TIMEOUT_S / 2, res
@@ -830,7 +806,7 @@ def _silent_after_two_body(rank: int, world: int, mode: str, tmp: str) -> None:
 def test_silent_peer_times_out_naming_peer_and_step(tmp_path, mode: str) -> None:
     """After two hops the peer stays alive but sends nothing: TensorDictChannel(timeout=2)
     raises within 2-5 s, naming rank 0 and receive #2; the next receive fails too, at once."""
-    _run(2, _silent_after_two_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _silent_after_two_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
     res = _result(tmp_path, 1)
     what = "header" if mode == "header" else "payload"
     assert f"{what} of receive #2 from rank 0 failed" in res.get("error", ""), res
@@ -1040,7 +1016,7 @@ def test_bad_input_table(tmp_path) -> None:
     corrupt or break it). The rows become the table in README.md ("Bad input and trust
     model"); set PIPEPACK_BAD_INPUT_TABLE=path to write the table to a file.
     """
-    _run(2, _bad_input_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _bad_input_body, str(tmp_path), timeout_s=TIMEOUT_S)
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert len(rows) == sum(len(cases) for _, cases in _PHASES)
     for r in rows:
@@ -1100,7 +1076,7 @@ def _pack_failure_body(rank: int, world: int, mode: str, tmp: str) -> None:
 def test_pack_failure_leaves_the_channel_in_step(tmp_path, mode: str) -> None:
     """Reproducer: ch.isend(good0); ch.isend({..., "x": t.to_sparse()}) raises RuntimeError
     from copy_(); ch.isend(good2) -> the receiver aborts (header) or refuses it (declared)."""
-    _run(2, _pack_failure_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _pack_failure_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
     assert (tmp_path / "raised").exists(), "the sparse tensor was sent without an error"
     res = _result(tmp_path, 1)
     assert res.get("ok"), res
@@ -1137,7 +1113,7 @@ def _peer_refuses_body(rank: int, world: int, case: str, tmp: str) -> None:
 def test_sender_refuses_what_a_peer_with_the_same_limits_refuses(tmp_path, case: str) -> None:
     """Reproducer: TensorDictChannel(1).isend({"x": torch.zeros([1] * 17)}) returns; the
     peer's recv() raises WireError "schema: key 'x' has ndim 17, more than max_ndim=16"."""
-    _run(2, _peer_refuses_body, case, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _peer_refuses_body, case, str(tmp_path), timeout_s=TIMEOUT_S)
     assert (tmp_path / "raised").exists(), "the sender did not refuse it"
     assert _result(tmp_path, 1).get("ok"), _result(tmp_path, 1)
 
@@ -1160,7 +1136,7 @@ def _bad_dst_body(rank: int, world: int, which: str, tmp: str) -> None:
 def test_dst_outside_the_group_or_self_is_refused_at_once(tmp_path, which: str) -> None:
     """Reproducer (2 ranks): isend_tensor_dict({"x": torch.arange(3)}, 2) blocks for the group
     timeout, then RuntimeError: Wait timeout."""
-    _run(2, _bad_dst_body, which, str(tmp_path), timeout_s=4)
+    run_ranks(2, _bad_dst_body, which, str(tmp_path), timeout_s=4)
     res = _result(tmp_path, 0)
     assert res["type"] == "ValueError" and "dst" in res["error"], res
     assert res["elapsed"] < 1.0, res
@@ -1188,7 +1164,7 @@ def _unsupported_tensor_body(rank: int, world: int, case: str, tmp: str) -> None
 def test_unsupported_tensor_error_names_the_key(tmp_path, case: str) -> None:
     """Reproducer: TensorDictChannel(1).isend({"the_key": torch.zeros(4,
     dtype=torch.float8_e8m0fnu)}) -> TypeError('entry 0: unsupported dtype ...')."""
-    _run(2, _unsupported_tensor_body, case, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _unsupported_tensor_body, case, str(tmp_path), timeout_s=TIMEOUT_S)
     res = _result(tmp_path, 0)
     assert res["type"] in ("TypeError", "ValueError"), res
     assert "the_key" in res["error"], res
@@ -1227,7 +1203,7 @@ def _after_death_body(rank: int, world: int, side: str, tmp: str) -> None:
 def test_call_posted_after_the_peer_died_names_peer_and_step(tmp_path, side: str) -> None:
     """Reproducer: peer exits after hop 0; ch.isend(hop1) -> RuntimeError('[.../pair.cc:553]
     Connection closed by peer [127.0.0.1]:PORT ...') without 'rank 1' or 'send #1'."""
-    _run(2, _after_death_body, side, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _after_death_body, side, str(tmp_path), timeout_s=TIMEOUT_S)
     survivor = 0 if side == "send" else 1
     res = _result(tmp_path, survivor)
     assert res["error"], "the call towards a dead peer returned"
@@ -1269,7 +1245,7 @@ def test_one_element_strided_view_in_a_multi_message_payload(tmp_path) -> None:
     """Reproducer: send_tensor_dict({"a": torch.zeros(1)}); send_tensor_dict({"h":
     torch.zeros(100), "last": torch.randn(1, 32000)[:, -1]}) -> RuntimeError 'self.stride(-1)
     must be 1 to view Float as Byte'."""
-    _run(2, _strided_scalar_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _strided_scalar_body, str(tmp_path), timeout_s=TIMEOUT_S)
     assert _result(tmp_path, 0)["error"] is None, _result(tmp_path, 0)
     assert _result(tmp_path, 1)["error"] is None, _result(tmp_path, 1)
 
@@ -1285,4 +1261,4 @@ def _stride_overflow_body(rank: int, world: int, tmp: str) -> None:
 def test_shape_whose_strides_overflow_is_a_wire_error(tmp_path) -> None:
     """Reproducer: a header with TensorField('h', float32, 3) and shapes ((0, 2**62, 4),),
     payload {'cpu': 0} -> TensorDictChannel.irecv_posted() raises TypeError."""
-    _run(2, _stride_overflow_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _stride_overflow_body, str(tmp_path), timeout_s=TIMEOUT_S)

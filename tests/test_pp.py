@@ -13,9 +13,7 @@ import dataclasses
 import enum
 import json
 import os
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,32 +41,6 @@ TIMEOUT_S = 60.0  # gloo group timeout per run: the CPU is shared, be generous
 # ---------------------------------------------------------------------------------------------
 # comparison helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _traced(rank: int, world: int, errdir: str, fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        with open(os.path.join(errdir, f"rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _run(world: int, fn: Callable[..., None], *args: Any, timeout_s: float = TIMEOUT_S) -> None:
-    """``run_ranks``, plus each failing rank's traceback in the error.
-
-    (``run_ranks`` itself loses it: ``ctx.join`` raises ProcessExitedException for the rank's
-    exit code 1 before the harness reads the rank's error file.)
-    """
-    with tempfile.TemporaryDirectory() as errdir:
-        try:
-            run_ranks(world, _traced, errdir, fn, *args, timeout_s=timeout_s)
-        except Exception as e:
-            tbs = [f"--- rank {r} ---\n" + open(os.path.join(errdir, f"rank{r}.txt")).read()
-                   for r in range(world) if os.path.exists(os.path.join(errdir, f"rank{r}.txt"))]
-            if tbs:
-                raise AssertionError("\n".join(tbs)) from e
-            raise
 
 
 def _check_one_storage(d: Mapping[str, Any]) -> None:
@@ -221,7 +193,7 @@ def _engine_dicts_body(rank: int, world: int, api: str) -> None:
 @pytest.mark.parametrize("api", ["blocking", "async"])
 def test_engine_dicts_round_trip_exactly(api: str) -> None:
     """vLLM / sglang / output / non-contiguous dicts arrive bit-exact, in key order and type."""
-    _run(2, _engine_dicts_body, api, timeout_s=TIMEOUT_S)
+    run_ranks(2, _engine_dicts_body, api, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +237,7 @@ def _storage_body(rank: int, world: int) -> None:
 
 def test_received_tensors_are_views_of_one_payload_buffer() -> None:
     """Inline, single-message and chunked payloads all unpack as views of one storage."""
-    _run(2, _storage_body, timeout_s=TIMEOUT_S)
+    run_ranks(2, _storage_body, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +280,7 @@ def _ring_body(rank: int, world: int) -> None:
 
 def test_three_stage_ring_default_peers() -> None:
     """Default dst/src are next/previous in the ring; hops pass through a 3-stage pipeline."""
-    _run(3, _ring_body, timeout_s=TIMEOUT_S)
+    run_ranks(3, _ring_body, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +356,7 @@ def _hops_body(rank: int, world: int, tmp: str) -> None:
 
 def test_200_hops_changing_shapes_fifo_and_sources_overwritten(tmp_path) -> None:
     """FIFO over 200 hops with varying T and schemas; isend copies before returning."""
-    _run(2, _hops_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _hops_body, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +420,7 @@ def _inflight_body(rank: int, world: int, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["header", "declared"])
 def test_channel_three_microbatches_in_flight(mode: str) -> None:
     """irecv() returns before the peer sent; 3 posted receives complete in FIFO order."""
-    _run(2, _inflight_body, mode, timeout_s=TIMEOUT_S)
+    run_ranks(2, _inflight_body, mode, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +517,7 @@ def _pp_tp_body(rank: int, world: int) -> None:
 
 def test_pp2_tp2_all_gather_rebuilds_sliced_keys() -> None:
     """Sliced keys come back whole via the TP all-gather; False and odd-numel keys travel whole."""
-    _run(4, _pp_tp_body, timeout_s=TIMEOUT_S)
+    run_ranks(4, _pp_tp_body, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +578,7 @@ def _bad_input_body(rank: int, world: int) -> None:
 
 def test_unencodable_value_fails_on_sender_before_sending() -> None:
     """A value that needs pickle raises TypeError naming its key; nothing reaches the wire."""
-    _run(2, _bad_input_body, timeout_s=TIMEOUT_S)
+    run_ranks(2, _bad_input_body, timeout_s=TIMEOUT_S)
 
 
 def _pickle_body(rank: int, world: int, tmp: str) -> None:
@@ -630,7 +602,7 @@ def _pickle_body(rank: int, world: int, tmp: str) -> None:
 
 def test_allow_pickle_round_trips_custom_objects_and_is_refused_by_default(tmp_path) -> None:
     """allow_pickle on both ends carries custom objects; a default receiver never unpickles."""
-    _run(2, _pickle_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _pickle_body, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
 def _refused_then_next_body(rank: int, world: int, tmp: str) -> None:
@@ -655,7 +627,7 @@ def _refused_then_next_body(rank: int, world: int, tmp: str) -> None:
 
 def test_receive_error_does_not_corrupt_the_next_receive(tmp_path) -> None:
     """After a refused header, the next receive raises or returns that hop's own bytes."""
-    _run(2, _refused_then_next_body, str(tmp_path), timeout_s=TIMEOUT_S)
+    run_ranks(2, _refused_then_next_body, str(tmp_path), timeout_s=TIMEOUT_S)
     assert _result(tmp_path, 1)["outcome"] in ("raised", "returned")
 
 
@@ -694,7 +666,7 @@ def _declared_mismatch_body(rank: int, world: int, variant: str) -> None:
 ])
 def test_declared_schema_mismatch_raises_on_receive(variant: str) -> None:
     """Peers that declared different schemas: the receiver's wait() raises, naming it."""
-    _run(2, _declared_mismatch_body, variant, timeout_s=TIMEOUT_S)
+    run_ranks(2, _declared_mismatch_body, variant, timeout_s=TIMEOUT_S)
 
 
 def _declared_send_check_body(rank: int, world: int) -> None:
@@ -730,7 +702,7 @@ def _declared_send_check_body(rank: int, world: int) -> None:
 
 def test_declared_send_rejects_dict_not_matching_its_declaration() -> None:
     """A dict that breaks the sender's own declaration raises ValueError naming the key."""
-    _run(2, _declared_send_check_body, timeout_s=TIMEOUT_S)
+    run_ranks(2, _declared_send_check_body, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,7 +744,7 @@ def _dead_sender_body(rank: int, world: int, when: str, tmp: str) -> None:
 def test_receiver_raises_when_sender_process_exits(tmp_path, when: str) -> None:
     """A receive from a peer that died raises within the group timeout instead of hanging."""
     t0 = time.monotonic()
-    _run(2, _dead_sender_body, when, str(tmp_path), timeout_s=DEAD_TIMEOUT_S)
+    run_ranks(2, _dead_sender_body, when, str(tmp_path), timeout_s=DEAD_TIMEOUT_S)
     res = _result(tmp_path, 1)
     assert res["raised"], "the receive from a dead peer returned"
     assert res["elapsed"] < DEAD_TIMEOUT_S, res
@@ -797,7 +769,7 @@ def _dead_receiver_body(rank: int, world: int, tmp: str) -> None:
 
 def test_sender_raises_when_receiver_process_exits(tmp_path) -> None:
     """Sends to a dead peer fail (on isend, or re-raised by the next one) rather than pile up."""
-    _run(2, _dead_receiver_body, str(tmp_path), timeout_s=DEAD_TIMEOUT_S)
+    run_ranks(2, _dead_receiver_body, str(tmp_path), timeout_s=DEAD_TIMEOUT_S)
     res = _result(tmp_path, 0)
     assert res["raised"], "isend kept succeeding towards a dead peer"
     assert res["elapsed"] < DEAD_TIMEOUT_S, res
@@ -829,7 +801,7 @@ def _silent_peer_body(rank: int, world: int, mode: str, tmp: str) -> None:
 def test_channel_timeout_bounds_the_wait(tmp_path, mode: str) -> None:
     """TensorDictChannel(timeout=1) gives up after ~1 s although the group timeout is 30 s."""
     t0 = time.monotonic()
-    _run(2, _silent_peer_body, mode, str(tmp_path), timeout_s=SLOW_GROUP_TIMEOUT_S)
+    run_ranks(2, _silent_peer_body, mode, str(tmp_path), timeout_s=SLOW_GROUP_TIMEOUT_S)
     res = _result(tmp_path, 1)
     assert res["raised"], "wait() returned without a message"
     assert CHANNEL_TIMEOUT_S * 0.9 <= res["elapsed"] < CHANNEL_TIMEOUT_S + 4, res
@@ -860,7 +832,7 @@ def _alone_body(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_world_size_one_short_circuits(world: int) -> None:
     """A 1-rank group (the world, or a subgroup) sends nothing: vLLM's / sglang's return values."""
-    _run(world, _alone_body, timeout_s=TIMEOUT_S)
+    run_ranks(world, _alone_body, timeout_s=TIMEOUT_S)
 
 
 def test_world_size_one_without_process_group() -> None:
