@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,17 +29,18 @@ def backend_of(group: dist.ProcessGroup | None) -> str:
     return str(dist.get_backend(group)).lower()
 
 
-_GLOO: dict[int, tuple[Any, bool]] = {}
+_GLOO: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _tag(group: dist.ProcessGroup | None, tag: int) -> int:
     # NCCL ignores tags; gloo uses them to keep header and payload streams apart. Asking
-    # torch for the backend costs ~20 us a call here, so the answer is kept per group (the
-    # group object is held too, so its id cannot be reused by another group)
-    hit = _GLOO.get(id(group))
-    if hit is None or hit[0] is not group:
-        hit = _GLOO[id(group)] = (group, backend_of(group) == "gloo")
-    return tag if hit[1] else 0
+    # torch for the backend costs ~20 us a call here, so the answer is kept per group, weakly:
+    # holding a group alive past destroy_process_group would tear it down at interpreter exit
+    key = dist.group.WORLD if group is None else group
+    gloo = _GLOO.get(key)
+    if gloo is None:
+        gloo = _GLOO[key] = backend_of(group) == "gloo"
+    return tag if gloo else 0
 
 
 def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
@@ -105,6 +107,8 @@ class Handle:
                     except BaseException as e:  # noqa: BLE001 - re-raised with context below
                         self._error = e
                     self._done.set()
+                    # the backend's work objects hold their process group: let them go now
+                    self._works = []
             finally:
                 self._lock.release()
         if self._error is not None:
@@ -163,6 +167,9 @@ class SendReaper:
             if on_done is not None:
                 on_done(handle)
             handle.release()
+            # hold nothing while idle: the last references to a channel (and through it a
+            # process group) must not live on in a daemon thread until interpreter exit
+            del handle, on_done
             with self._lock:
                 self._pending -= 1
                 if self._pending == 0:

@@ -294,7 +294,7 @@ def _hop_dict(i: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(10_000 + i)
     t = 1 + (i * 37) % 97
     if i % 50 == 25:
-        t = 4500  # 4.6 MB of "hidden": above the 4 MiB chunk size
+        t = 4500  # 4.6 MB of "hidden": above the chunk size (DEFAULT_CHUNK_BYTES)
     d: dict[str, Any] = {
         "step": i,
         "hidden": torch.randn(t, 256, generator=g),
