@@ -316,6 +316,7 @@ class TensorDictChannel:
         self.inline_cap = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self._send_head = 0  # inline payload room of the next head message, both directions
         self._recv_head = 0
+        self._recv_last = 0  # the last hop's CPU payload bytes (receive side)
 
     # ------------------------------------------------------------------ send
 
@@ -732,8 +733,11 @@ class TensorDictChannel:
         """Receives the head message (header slot + inline CPU payload) and any overflow."""
         where = f"receive #{seq} from rank {self.peer_global}"
         S = self.slot_bytes
-        head = torch.empty(S + self._recv_head, dtype=torch.uint8)
-        self._wait(transport.irecv(head, self.peer_global, self.cpu_group, transport.HEADER_TAG,
+        # room for the whole CPU payload of a hop like the last one, so the part that did not
+        # fit in the head message lands right behind it: no copy in steady state
+        head = torch.empty(S + max(self._recv_head, self._recv_last), dtype=torch.uint8)
+        self._wait(transport.irecv(head[: S + self._recv_head], self.peer_global,
+                                   self.cpu_group, transport.HEADER_TAG,
                                    what=f"header of {where}"), f"header of {where}")
         raw = head[:S].numpy().tobytes()
         header, ov_len = wire.decode_header(raw, slot_bytes=S, limits=self.limits,
@@ -789,6 +793,7 @@ class TensorDictChannel:
         if head is not None:
             cpu_bytes = next((p.wire_layout.nbytes for p in parts if p.device_type == "cpu"), 0)
             h, self._recv_head = self._recv_head, self._next_head(cpu_bytes)
+            self._recv_last = -(-cpu_bytes // 16) * 16
         views: dict[str, torch.Tensor] = {}
         handles: list[Handle] = []
         post: list[Callable[[], None]] = []
@@ -802,8 +807,11 @@ class TensorDictChannel:
                 if n <= h:  # all of it came inline: views of the head buffer
                     buf = head[S : S + n]
                 else:
-                    buf = torch.empty(n, dtype=torch.uint8)
-                    buf[:h].copy_(head[S : S + h])
+                    if S + n <= head.numel():  # the rest lands behind the head
+                        buf = head[S : S + n]
+                    else:  # a larger hop than the last: one copy of the inline part
+                        buf = torch.empty(n, dtype=torch.uint8)
+                        buf[:h].copy_(head[S : S + h])
                     works = [transport.irecv(buf[s - S : e - S], self.peer_global,
                                              self.cpu_group, transport.PAYLOAD_TAG,
                                              what=f"payload of receive #{seq} from rank "
