@@ -870,3 +870,33 @@ def _wait_into_body(rank: int, world: int, declared: bool) -> None:
 def test_wait_into_lands_in_static_buffers(declared: bool) -> None:
     """PendingRecv.wait_into copies the hop into larger static buffers, rows after n kept."""
     run_ranks(2, _wait_into_body, declared, timeout_s=TIMEOUT_S)
+
+
+def _recv_reuse_body(rank: int, world: int, declared: bool) -> None:
+    def hop(i: int) -> dict[str, Any]:
+        return {"h": torch.full((64, 1024), float(i)), "kind": "proxy"}  # 256 KiB: pooled
+
+    ch = TensorDictChannel(1 - rank, declared=Declared.from_example(hop(0)) if declared else None)
+    n = 12
+    if rank == 0:
+        for i in range(n):
+            ch.isend(hop(i))
+        return
+    kept, seen = {}, set()
+    reused = 0
+    for i in range(n):
+        d = ch.irecv(64).wait() if declared else ch.irecv().wait()
+        ptr = d["h"].untyped_storage().data_ptr()
+        reused += ptr in seen
+        seen.add(ptr)
+        if i % 2 == 0:
+            kept[i] = d  # the caller keeps these: their buffers must never be reused
+    for i, d in kept.items():
+        check_dict(d, hop(i), contiguous=True)
+    assert reused > 0, "no receive buffer was ever reused"
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["header", "declared"])
+def test_receive_buffers_are_reused_only_when_the_caller_let_go(declared: bool) -> None:
+    """Receive buffers come back for later hops, but never while a received dict holds them."""
+    run_ranks(2, _recv_reuse_body, declared, timeout_s=TIMEOUT_S)
