@@ -142,6 +142,17 @@ def _assert_entries(buf: torch.Tensor, layout: K.Layout, tensors: Sequence[torch
         _assert_same_bytes(buf[e.offset : e.offset + e.nbytes], _bytes(t))
 
 
+def _assert_round_trip(tensors: Sequence[torch.Tensor], impl: str, device) -> None:
+    """pack puts every tensor's bytes at its entry; unpack_into brings them back exactly."""
+    layout = plan_layout(tensors)
+    buf = K.pack(tensors, impl=impl)
+    _assert_entries(buf, layout, tensors)
+    outs = [_canary(t.shape, t.dtype, device) for t in tensors]
+    K.unpack_into(buf, layout, outs, impl=impl)
+    for o, t in zip(outs, tensors):
+        _assert_same_bytes(_bytes(o), _bytes(t))
+
+
 def _assert_untouched(region: torch.Tensor) -> None:
     assert region.numel() == 0 or bool((region.cpu() == CANARY).all()), "a canary byte changed"
 
@@ -431,14 +442,7 @@ def test_multi_block_copies_are_exact(impl, device):
         _random_tensor((3 * _copy.VEC_BLOCK + 13,), torch.float32, device),
         _random_tensor((50, 53), torch.float16, device).t(),
     ]
-    layout = plan_layout(tensors)
-    buf = K.pack(tensors, impl=impl)
-    _assert_entries(buf, layout, tensors)
-
-    outs = [_canary(t.shape, t.dtype, device) for t in tensors]
-    K.unpack_into(buf, layout, outs, impl=impl)
-    for o, t in zip(outs, tensors):
-        _assert_same_bytes(_bytes(o), _bytes(t))
+    _assert_round_trip(tensors, impl, device)
 
 
 def test_pack_handles_hundreds_of_tensors_in_one_call(impl, device):
@@ -449,14 +453,7 @@ def test_pack_handles_hundreds_of_tensors_in_one_call(impl, device):
         numel = 16 * (1 + i % 5) if i % 16 else 1 + i % 13  # every 16th is odd-sized
         shape = {5: (), 7: (0, 4)}.get(i, (numel,))
         tensors.append(_random_tensor(shape, dtype, device))
-    layout = plan_layout(tensors)
-
-    buf = K.pack(tensors, impl=impl)
-    _assert_entries(buf, layout, tensors)
-    outs = [_canary(t.shape, t.dtype, device) for t in tensors]
-    K.unpack_into(buf, layout, outs, impl=impl)
-    for o, t in zip(outs, tensors):
-        _assert_same_bytes(_bytes(o), _bytes(t))
+    _assert_round_trip(tensors, impl, device)
 
 
 def test_pack_handles_one_large_and_many_tiny_tensors(impl, device):
