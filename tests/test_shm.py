@@ -1,0 +1,548 @@
+"""Shared-memory ring (pipepack.pp.shm): bytes, order, slot lifetime, back-pressure, growth,
+dead peers, cleanup of /dev/shm, and refusal of corrupt control blocks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from pipepack.pp import shm
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="POSIX shared memory not usable")
+
+CANARY = 0xA5
+CTX = mp.get_context("fork")
+
+
+def _mine(*pids: int) -> list[str]:
+    """Segments under /dev/shm created by any of ``pids``."""
+    pre = tuple(f"pipepack-{p}-" for p in pids)
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(pre))
+
+
+def _pattern(seq: int, n: int) -> np.ndarray:
+    return ((np.arange(n, dtype=np.int64) * 131 + seq * 7919) % 251).astype(np.uint8)
+
+
+def _send(tx: shm.SendRing, seq: int, n: int, timeout: float | None = 10.0) -> None:
+    r = tx.reserve(n, timeout)
+    assert r.payload.dtype == torch.uint8 and r.payload.shape == (n,)
+    shm.copy_bytes(r.payload, torch.from_numpy(_pattern(seq, n)))
+    tx.publish(r, f"{seq}:{n}".encode())
+
+
+def _check(a: shm.Arrival, seq: int, n: int) -> None:
+    assert a.seq == seq
+    assert a.meta == f"{seq}:{n}".encode()
+    assert a.payload.dtype == torch.uint8 and a.payload.dim() == 1 and a.payload.numel() == n
+    np.testing.assert_array_equal(a.payload.numpy(), _pattern(seq, n))
+
+
+def _child(fn, *args) -> tuple[mp.Process, mp.connection.Connection]:
+    """Runs ``fn(conn, *args)`` in a forked process; the child reports through ``conn``."""
+    parent, child = CTX.Pipe()
+
+    def main() -> None:
+        torch.set_num_threads(1)
+        try:
+            fn(child, *args)
+            child.send(("done", None))
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            child.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        finally:
+            child.close()
+            os._exit(0)
+
+    p = CTX.Process(target=main, daemon=True)
+    p.start()
+    child.close()
+    return p, parent
+
+
+def _expect(conn, tag: str, timeout: float = 30.0):
+    assert conn.poll(timeout), f"child sent nothing for {timeout} s (waiting for {tag!r})"
+    got, value = conn.recv()
+    if got == "error":
+        pytest.fail(f"child failed: {value}")
+    assert got == tag, (got, value)
+    return value
+
+
+def _reap(p: mp.Process) -> None:
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+        p.join(5)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_available_and_host_identity_match_across_fork() -> None:
+    ident = shm.host_identity()
+    with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+        assert f.read().strip() in ident
+    assert os.uname().nodename.encode() in ident
+
+    def child(conn) -> None:
+        conn.send(("ident", shm.host_identity()))
+
+    p, conn = _child(child)
+    assert _expect(conn, "ident") == ident
+    _expect(conn, "done")
+    _reap(p)
+
+
+def test_bytes_exact_with_canaries_around_every_slot() -> None:
+    slots, slot_bytes, meta_bytes = 4, 3 * 4096, 256
+    rx = shm.RecvRing(slots=slots, slot_bytes=slot_bytes, meta_bytes=meta_bytes, timeout=10)
+    seg, geo = rx._seg, rx._geo
+    # canaries over every meta and data area before anything is written
+    seg.mm[geo.meta_off:geo.total] = bytes([CANARY]) * (geo.total - geo.meta_off)
+    sizes = [1, 63, 4097, slot_bytes]  # one hop per slot, all held
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name, timeout=10)
+        for i, n in enumerate(sizes):
+            _send(tx, i + 1, n)
+        conn.send(("sent", None))
+        conn.recv()
+        tx.close()
+
+    p, conn = _child(child, rx.name)
+    _expect(conn, "sent")
+    arrivals = [rx.wait() for _ in sizes]
+    lo, hi = seg.base + geo.data_off, seg.base + geo.total
+    used = set()
+    for i, (a, n) in enumerate(zip(arrivals, sizes)):
+        _check(a, i + 1, n)
+        ptr = a.payload.data_ptr()
+        assert ptr % 64 == 0 and lo <= ptr and ptr + n <= hi  # zero-copy, inside the ring
+        assert a.payload.untyped_storage().nbytes() == n  # its own storage, exactly the hop
+        slot = (ptr - lo) // geo.slot_bytes
+        used.add(slot)
+        data = np.frombuffer(seg.mm, np.uint8, geo.slot_bytes, geo.data_off + slot * geo.slot_bytes)
+        assert (data[n:] == CANARY).all(), f"slot {slot}: bytes past the {n}-byte hop changed"
+        mlen = len(a.meta)
+        meta = np.frombuffer(seg.mm, np.uint8, geo.meta_bytes, geo.meta_off + slot * geo.meta_bytes)
+        assert bytes(meta[:mlen]) == a.meta and (meta[mlen:] == CANARY).all()
+    assert used == set(range(slots))
+    conn.send("go")
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+
+
+def test_order_and_bytes_over_thousands_of_hops_with_growth() -> None:
+    hops, slot_bytes = 3000, 16 << 10
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 3 * slot_bytes, hops).tolist()
+    sizes[::97] = [0] * len(sizes[::97])
+    sizes[5] = 1 << 20
+    rx = shm.RecvRing(slots=3, slot_bytes=slot_bytes, meta_bytes=64, timeout=30)
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name, timeout=30)
+        for i, n in enumerate(sizes):
+            _send(tx, i + 1, int(n), timeout=30)
+        tx.close()
+
+    p, conn = _child(child, rx.name)
+    keep = []
+    for i, n in enumerate(sizes):
+        a = rx.wait()
+        _check(a, i + 1, int(n))
+        if i % 500 == 0:
+            keep.append((a.payload[: min(n, 64)].clone(), a.payload[: min(n, 64)]))
+        keep = keep[-1:]  # at most one old view held across later hops
+    for want, view in keep:
+        assert torch.equal(want, view)
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+    assert _mine(os.getpid(), p.pid) == []
+
+
+def test_slot_reused_only_after_every_view_and_storage_died() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=64, timeout=10)
+    tx = shm.SendRing(rx.name, timeout=10)
+    _send(tx, 1, 1000)
+    _send(tx, 2, 2000)
+    a1, a2 = rx.wait(), rx.wait()
+    view = a1.payload[100:300]  # a view of hop 1
+    storage = a2.payload.untyped_storage()  # only the storage of hop 2
+    del a1, a2
+    assert rx.held() == [1, 2]
+    with pytest.raises(TimeoutError, match=r"still holds 2 of 2 slots"):
+        tx.reserve(10, 0.2)
+    del storage  # hop 2's slot is free now; hop 1's is not
+    assert rx.held() == [1]
+    for seq in range(3, 23):
+        _send(tx, seq, 3000 + seq, timeout=0.5)
+        _check(rx.wait(), seq, 3000 + seq)  # the arrival dies at once: its slot comes back
+    np.testing.assert_array_equal(view.numpy(), _pattern(1, 1000)[100:300])
+    with pytest.raises(TimeoutError, match=r"still holds 2 of 2 slots \(hop seqs \[1, 23\];"):
+        _send(tx, 23, 10, timeout=0)
+        _send(tx, 24, 10, timeout=0.2)
+    del view
+    _send(tx, 24, 10, timeout=0.5)
+    _check(rx.wait(), 23, 10)
+    _check(rx.wait(), 24, 10)
+    # explicit release: force frees the slot though a view is alive
+    _send(tx, 25, 10)
+    a = rx.wait()
+    keep = a.payload[:5]
+    a.release(force=True)
+    assert rx.held() == []
+    del keep
+    tx.close()
+    rx.close()
+
+
+def test_storage_only_survives_later_hops_with_its_own_bytes() -> None:
+    rx = shm.RecvRing(slots=3, slot_bytes=8192, meta_bytes=64, timeout=10)
+    tx = shm.SendRing(rx.name, timeout=10)
+    _send(tx, 1, 5000)
+    st = rx.wait().payload.untyped_storage()
+    for seq in range(2, 40):
+        _send(tx, seq, 5000)
+        _check(rx.wait(), seq, 5000)
+    back = torch.empty(0, dtype=torch.uint8).set_(st)
+    np.testing.assert_array_equal(back.numpy(), _pattern(1, 5000))
+    tx.close()
+    rx.close()
+
+
+def test_wait_timeouts_name_step_and_peer() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"hop seq 1 from sender \(not attached yet\)"):
+        rx.wait()
+    assert time.monotonic() - t0 < 5
+    tx = shm.SendRing(rx.name)
+    with pytest.raises(TimeoutError, match=rf"decode step 7 from sender pid {os.getpid()}"):
+        rx.wait(0.1, what="decode step 7")
+    with pytest.raises(ValueError, match="timeout"):
+        rx.wait(-1)
+    tx.close()
+    rx.close()
+
+
+def test_backpressure_sender_waits_then_proceeds() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=10)
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name)
+        _send(tx, 1, 10)
+        _send(tx, 2, 10)
+        t0 = time.monotonic()
+        try:
+            tx.reserve(10, 0.3)
+        except TimeoutError as e:
+            conn.send(("timeout", (str(e), time.monotonic() - t0)))
+        t0 = time.monotonic()
+        _send(tx, 3, 10, timeout=10)  # the parent frees a slot after ~0.3 s
+        conn.send(("waited", time.monotonic() - t0))
+        tx.close()
+
+    p, conn = _child(child, rx.name)
+    msg, took = _expect(conn, "timeout")
+    assert f"receiver (pid {os.getpid()}) still holds 2 of 2 slots" in msg
+    assert 0.25 <= took < 5
+    a1 = rx.wait()
+    a2 = rx.wait()
+    time.sleep(0.3)
+    del a1
+    waited = _expect(conn, "waited")
+    assert waited >= 0.2  # it did wait for the slot
+    _check(rx.wait(), 3, 10)
+    del a2
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+
+
+def test_oversize_hop_grows_a_slot_and_leaves_no_segment() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=64, timeout=10)
+    tx = shm.SendRing(rx.name, timeout=10)
+    sizes = [(1 << 20) + 3, 100, (3 << 20) + 5, 4096, (1 << 20) + 3, 1]
+    lo, hi = rx._seg.base + rx._geo.data_off, rx._seg.base + rx._geo.total
+    for i, n in enumerate(sizes):
+        _send(tx, i + 1, n)
+        a = rx.wait()
+        _check(a, i + 1, n)
+        ptr = a.payload.data_ptr()
+        assert ptr % 64 == 0
+        # small hops stay in the inline slot, big ones in the grown one
+        assert (lo <= ptr < hi) == (n <= 4096), (n, ptr - lo)
+        assert _mine(os.getpid()) == []  # grown segments are unlinked once mapped
+        del a
+    with pytest.raises(ValueError, match="exceeds the receiver's limit"):
+        rx2 = shm.RecvRing(slots=1, slot_bytes=4096, max_hop_bytes=1 << 16)
+        tx2 = shm.SendRing(rx2.name)
+        try:
+            tx2.reserve((1 << 16) + 1, 1)
+        finally:
+            tx2.close()
+            rx2.close()
+    tx.close()
+    rx.close()
+    assert _mine(os.getpid()) == []
+
+
+def test_close_unlinks_and_views_outlive_close() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096)
+    assert _mine(os.getpid()) == [rx.name]
+    rx.close()
+    assert _mine(os.getpid()) == []
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=5)
+    tx = shm.SendRing(rx.name, timeout=5)
+    assert _mine(os.getpid()) == []  # unlinked as soon as both ends mapped it
+    _send(tx, 1, 3000)
+    _send(tx, 2, 1 << 20)  # grown, published, never received: the closes unlink it
+    a = rx.wait()
+    tx.close()
+    rx.close()
+    _check(a, 1, 3000)  # the mapping lives as long as a view
+    assert _mine(os.getpid()) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        rx.wait(0.1)
+
+
+def test_sender_close_is_reported_after_the_last_hop() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=5)
+    tx = shm.SendRing(rx.name)
+    _send(tx, 1, 10)
+    tx.close()
+    _check(rx.wait(), 1, 10)
+    with pytest.raises(shm.PeerGone, match="closed the ring after hop seq 1"):
+        rx.wait()
+    rx.close()
+
+
+def test_receiver_close_is_reported_to_a_waiting_sender() -> None:
+    rx = shm.RecvRing(slots=1, slot_bytes=4096)
+    tx = shm.SendRing(rx.name)
+    _send(tx, 1, 10)
+    rx.close()
+    with pytest.raises(shm.PeerGone, match=f"receiver pid {os.getpid()} closed"):
+        tx.reserve(10, 5)
+    tx.close()
+
+
+def test_sender_killed_raises_within_timeout_and_leaves_nothing() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=20)
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name)
+        _send(tx, 1, 1 << 20)  # published in a grown segment, not yet mapped by the receiver
+        tx.reserve(5 << 20, 5)  # grown again, never published
+        conn.send(("ready", None))
+        time.sleep(60)
+
+    p, conn = _child(child, rx.name)
+    _expect(conn, "ready")
+    assert len(_mine(p.pid)) == 2
+    os.kill(p.pid, signal.SIGKILL)
+    time.sleep(0.05)  # not reaped: the child is a zombie, which must count as gone
+    _check(rx.wait(), 1, 1 << 20)  # what was published before the death still arrives
+    t0 = time.monotonic()
+    with pytest.raises(shm.PeerGone, match=rf"hop seq 2: sender pid {p.pid} is gone"):
+        rx.wait()
+    assert time.monotonic() - t0 < 5
+    rx.close()
+    _reap(p)
+    assert _mine(os.getpid(), p.pid) == []
+
+
+def test_receiver_killed_raises_in_the_sender_and_leaves_nothing() -> None:
+    def child(conn) -> None:
+        rx = shm.RecvRing(slots=2, slot_bytes=4096)
+        conn.send(("name", rx.name))
+        time.sleep(60)
+
+    p, conn = _child(child)
+    name = _expect(conn, "name")
+    tx = shm.SendRing(name, timeout=20)
+    _send(tx, 1, 10)
+    _send(tx, 2, 2 << 20)  # grown segment the receiver will never map
+    os.kill(p.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(shm.PeerGone, match=rf"reserving 10 bytes for hop seq 3: receiver pid "
+                                           rf"{p.pid} is gone"):
+        tx.reserve(10)
+    assert time.monotonic() - t0 < 5
+    tx.close()
+    _reap(p)
+    assert _mine(os.getpid(), p.pid) == []
+
+
+def test_receiver_killed_before_attach_is_swept() -> None:
+    def child(conn) -> None:
+        rx = shm.RecvRing(slots=2, slot_bytes=4096)
+        conn.send(("name", rx.name))
+        time.sleep(60)
+
+    p, conn = _child(child)
+    name = _expect(conn, "name")
+    assert _mine(p.pid) == [name]
+    assert name not in shm.sweep_stale()  # alive: kept
+    os.kill(p.pid, signal.SIGKILL)
+    _reap(p)
+    assert name in shm.sweep_stale()
+    assert _mine(p.pid) == []
+    with pytest.raises(FileNotFoundError):
+        shm.SendRing(name)
+
+
+def test_second_sender_and_bad_names_refused() -> None:
+    rx = shm.RecvRing(slots=1, slot_bytes=4096)
+    with pytest.raises(ValueError, match="not a pipepack"):
+        shm.SendRing("../etc/passwd")
+    with pytest.raises(ValueError, match="not a pipepack"):
+        shm.SendRing("pipepack-1-2-3")
+    # a second attach before the first unlinked the name (same process, raced by hand)
+    tx = shm.SendRing(rx.name)
+    tx.close()
+    with pytest.raises(FileNotFoundError):
+        shm.SendRing(rx.name)
+    rx.close()
+
+
+def test_bad_arguments() -> None:
+    for kw in ({"slots": 0}, {"slots": 5000}, {"slot_bytes": 0}, {"meta_bytes": -1},
+               {"slots": 2.0}):
+        with pytest.raises(ValueError):
+            shm.RecvRing(**kw)
+    rx = shm.RecvRing(slots=1, slot_bytes=4096, meta_bytes=16)
+    tx = shm.SendRing(rx.name)
+    with pytest.raises(ValueError):
+        tx.reserve(-1)
+    r = tx.reserve(10)
+    with pytest.raises(ValueError, match="meta_bytes"):
+        tx.publish(r, b"x" * 17)
+    tx.cancel(r)
+    with pytest.raises(ValueError, match="not an open reservation"):
+        tx.publish(r, b"")
+    r = tx.reserve(0)  # the cancelled slot is back; zero-byte hops work
+    tx.publish(r, b"empty")
+    a = rx.wait(1)
+    assert a.payload.numel() == 0 and a.meta == b"empty"
+    tx.close()
+    rx.close()
+
+
+# -- corrupt control block: every field the receiver reads is checked
+
+
+def _desc(rx: shm.RecvRing, slot: int, word: int) -> int:
+    return slot * (shm.DESC_BYTES // 8) + word
+
+
+def _corrupt_tail_ahead(rx, seg, slot):
+    seg.ctl[shm.H_TAIL] = 1 + rx.slots + 5
+
+
+def _corrupt_queue(rx, seg, slot):
+    seg.queue[0] = rx.slots + 3
+
+
+def _corrupt_pub(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_PUB)] = 99
+
+
+def _corrupt_nbytes_inline(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_NBYTES)] = rx.slot_bytes + 1
+
+
+def _corrupt_nbytes_huge(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_NBYTES)] = (1 << 64) - 1
+
+
+def _corrupt_meta_len(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_MLEN)] = rx.meta_bytes + 1
+
+
+def _corrupt_ext_name(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_GEN)] = 1
+    seg.desc[_desc(rx, slot, shm.D_EXT_BYTES)] = 8192
+    seg.set_ext_name(slot, "../../etc/passwd")
+
+
+def _corrupt_ext_too_big(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_GEN)] = 1
+    seg.desc[_desc(rx, slot, shm.D_EXT_BYTES)] = 1 << 50
+
+
+def _corrupt_ext_missing(rx, seg, slot):
+    seg.desc[_desc(rx, slot, shm.D_GEN)] = 1
+    seg.desc[_desc(rx, slot, shm.D_EXT_BYTES)] = 8192
+    seg.set_ext_name(slot, f"pipepack-{os.getpid()}-1-1-00000000deadbeef")
+
+
+def _corrupt_magic(rx, seg, slot):
+    seg.ctl[shm.H_MAGIC] = 0
+    seg.ctl[shm.H_TAIL] = 0  # forces the slow path, where the header is checked
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_corrupt_tail_ahead, "tail"),
+    (_corrupt_queue, "queue entry names slot"),
+    (_corrupt_pub, "carries seq 99"),
+    (_corrupt_nbytes_inline, "payload length"),
+    (_corrupt_nbytes_huge, "payload length"),
+    (_corrupt_meta_len, "meta length"),
+    (_corrupt_ext_name, "not a pipepack name"),
+    (_corrupt_ext_too_big, "limit"),
+    (_corrupt_ext_missing, "does not exist"),
+    (_corrupt_magic, "header overwritten"),
+])
+def test_corrupt_control_block_refused(corrupt, message) -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=32, timeout=0.3,
+                      max_hop_bytes=1 << 20)
+    tx = shm.SendRing(rx.name)
+    _send(tx, 1, 100)
+    slot = rx._seg.queue[0]
+    corrupt(rx, rx._seg, slot)
+    with pytest.raises(shm.CorruptRing, match=message):
+        rx.wait()
+    assert rx.held() == []  # nothing handed out
+    tx.close()
+    rx.close()
+
+
+def test_queue_entry_naming_a_held_slot_refused() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=32, timeout=1)
+    tx = shm.SendRing(rx.name)
+    _send(tx, 1, 100)
+    a = rx.wait()
+    _send(tx, 2, 100)
+    rx._seg.queue[1] = rx._seg.queue[0]  # points hop 2 at hop 1's slot, still held
+    with pytest.raises(shm.CorruptRing, match="still held by hop seq 1"):
+        rx.wait()
+    _check(a, 1, 100)
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.parametrize("word, value, message", [
+    ("H_SLOTS", 0, "geometry out of range"),
+    ("H_SLOT_BYTES", 4095, "geometry out of range"),
+    ("H_SLOTS", 3, "does not match"),
+    ("H_DATA_OFF", 1 << 40, "does not match"),
+    ("H_MAGIC", 1, "not a pipepack ring"),
+])
+def test_sender_refuses_corrupt_geometry(word, value, message) -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096)
+    rx._seg.ctl[getattr(shm, word)] = value
+    with pytest.raises(shm.CorruptRing, match=message):
+        shm.SendRing(rx.name)
+    rx.close()
+    assert _mine(os.getpid()) == []
