@@ -139,6 +139,7 @@ DEFAULT_SPIN_US = 100.0
 #: longest single sleep of a waiter; also the period of the peer liveness check while asleep
 MAX_SLEEP_S = 0.02
 _LIVENESS_PERIOD_S = 0.05
+_SPIN_YIELD = os.environ.get("PIPEPACK_SHM_SPIN_YIELD", "1") != "0"
 
 # header words (u64 index)
 (H_MAGIC, H_VERSION, H_SLOTS, H_SLOT_BYTES, H_META_BYTES, H_QUEUE_OFF, H_DESC_OFF, H_META_OFF,
@@ -496,6 +497,9 @@ class _Seg:
         if _TRYLOCK is None:
             return True
         addr = self.lock_addr
+        if _TRYLOCK(addr) == 0:  # uncontended: the common case
+            _UNLOCK(addr)
+            return True
         n = 0
         while _TRYLOCK(addr) != 0:
             n += 1
@@ -558,6 +562,8 @@ def _wait_for(cond, seg: _Seg, wait_word: int, futex_word: int, deadline: float 
             t = now()
             if t >= end_spin:
                 break
+            if _SPIN_YIELD:
+                os.sched_yield()  # lets the peer run here when the cores are oversubscribed
     next_check = t
     ctl = seg.ctl
     addr = seg.base + 8 * futex_word
@@ -1048,13 +1054,13 @@ class SendRing:
                 raise RuntimeError(f"shm ring {self.name} is closed (sender side)")
             self._check(step, force=False)
             seg = self._seg
-            free: list[int] = []
+            free: list[int] = self._free_slots()
 
             def cond() -> bool:
                 free[:] = self._free_slots()
                 return bool(free)
 
-            if not _wait_for(cond, seg, H_SWAIT, H_ACKS, deadline, self.spin_s,
+            if not free and not _wait_for(cond, seg, H_SWAIT, H_ACKS, deadline, self.spin_s,
                              lambda: self._check(step)):
                 self._check(step)
                 held = [self._pub[i] for i in range(self.slots)
