@@ -1,13 +1,12 @@
-"""Async pipeline-parallel transport: one header and one payload per stage hop.
+"""Async pipeline-parallel transport: one self-describing packed hop per stage step.
 
 The functional API has the call shapes of vLLM's / sglang's ``GroupCoordinator``
 (``isend_tensor_dict``, ``irecv_tensor_dict``, ``send_tensor_dict``, ``recv_tensor_dict``);
 :class:`TensorDictChannel` is the object to keep for a fixed peer, with receives that return at
-once and declared layouts that need no header message.
+once. :func:`flush` waits for every pending send of the process.
 """
 
 from .api import (
-    channel_for,
     irecv_tensor_dict,
     isend_tensor_dict,
     recv_tensor_dict,
@@ -22,16 +21,16 @@ from .channel import (
     TensorDictChannel,
 )
 from .stage import StageDriver
-from .transport import REAPER, Handle
-from .wire import Limits, WireError
+from .transport import REAPER, Handle, flush
+from .wire.limits import Limits, WireError
 
 __all__ = [
     "isend_tensor_dict",
     "irecv_tensor_dict",
     "send_tensor_dict",
     "recv_tensor_dict",
-    "channel_for",
     "reset_channels",
+    "flush",
     "TensorDictChannel",
     "Declared",
     "PendingRecv",

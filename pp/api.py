@@ -1,74 +1,46 @@
-"""vLLM / sglang ``GroupCoordinator``-shaped functions over per-peer channels.
+"""vLLM / sglang ``GroupCoordinator``-shaped functions over the process's links.
 
-``isend_tensor_dict`` / ``irecv_tensor_dict`` keep the call shapes engines use today (the async
-receive returns ``(dict, handles, postprocess)``); each (group, peer) pair gets one
-:class:`~pipepack.pp.channel.TensorDictChannel` behind the scenes, which keeps the schema caches
-that let a hop carry only shapes and small values in its header.
+Every call names its peer within ``group``; all calls to one (group, peer) share one link
+whatever their per-call options, which travel in the hop itself. With no process group
+initialised these raise (a silently dropped hop is data loss); with a group of one rank they
+short-circuit as the engines do.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.distributed as dist
 
-from .channel import TensorDictChannel
+from . import codec
+from .channel import resolve_groups, tp_of
+from .link import DEFAULT_CHUNK_BYTES, RecvOptions, get_link, reset_links
 from .transport import Handle
+from .wire.limits import DEFAULT_LIMITS
 
 __all__ = [
     "isend_tensor_dict",
     "irecv_tensor_dict",
     "send_tensor_dict",
     "recv_tensor_dict",
-    "channel_for",
     "reset_channels",
 ]
 
-_CHANNELS: dict[tuple, TensorDictChannel] = {}
-_LOCK = threading.Lock()
 
-
-def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return dist.group.WORLD if group is None else group
-
-
-def _alone(group: dist.ProcessGroup) -> bool:
-    return not dist.is_initialized() or dist.get_world_size(group) == 1
-
-
-def channel_for(
-    peer: int,
-    *,
-    group: dist.ProcessGroup | None = None,
-    cpu_group: dist.ProcessGroup | None = None,
-    all_gather_group: dist.ProcessGroup | None = None,
-    allow_pickle: bool = False,
-) -> TensorDictChannel:
-    """The channel the functional API uses for ``peer`` (a rank within ``group``)."""
-    group = _group(group)
-    key = (id(group), id(cpu_group), id(all_gather_group), peer, allow_pickle)
-    with _LOCK:
-        ch = _CHANNELS.get(key)
-        if ch is None:
-            ch = TensorDictChannel(
-                peer,
-                group=group,
-                cpu_group=cpu_group,
-                all_gather_group=all_gather_group,
-                allow_pickle=allow_pickle,
-            )
-            _CHANNELS[key] = ch
-    return ch
+def _peer(group: dist.ProcessGroup, rank: int | None, step: int, what: str) -> int:
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    if rank is None:
+        return (me + step) % world
+    if type(rank) is not int or not 0 <= rank < world or rank == me:
+        raise ValueError(f"{what} {rank!r} is not another rank of the group: it has {world} "
+                         f"ranks and this is rank {me}")
+    return rank
 
 
 def reset_channels() -> None:
-    """Forgets every channel (and its schema caches); call after re-creating process groups."""
-    with _LOCK:
-        for ch in _CHANNELS.values():
-            ch.close()
-        _CHANNELS.clear()
+    """Forgets every link (call after re-creating process groups)."""
+    reset_links()
 
 
 def isend_tensor_dict(
@@ -83,25 +55,18 @@ def isend_tensor_dict(
 ) -> list[Handle]:
     """Posts one hop to ``dst`` (a rank within ``group``; default the next one) and returns.
 
-    One header message (none when it fits inline with a small CPU payload) and one payload
-    message per device type. The tensors are copied before this returns, so the caller may
-    overwrite them at once; the handles complete when the peer has received everything, and
-    nobody has to wait on them (a background reaper does).
+    The tensors are copied before this returns, so the caller may overwrite them at once; the
+    handle completes once the peer received the hop, and nobody has to wait on it (a
+    background reaper does; :func:`pipepack.pp.flush` waits for all of them).
     """
-    group = _group(group)
-    if _alone(group):
+    group, cpu_group = resolve_groups(group, cpu_group)
+    if dist.get_world_size(group) == 1:
         return []
-    if dst is None:
-        dst = (dist.get_rank(group) + 1) % dist.get_world_size(group)
-    ch = channel_for(
-        dst,
-        group=group,
-        cpu_group=cpu_group,
-        all_gather_group=all_gather_group,
-        allow_pickle=allow_pickle,
-    )
-    ch.all_gather_tensors = dict(all_gather_tensors or {})
-    return ch.isend(tensor_dict)
+    dst = _peer(group, dst, 1, "dst")
+    link = get_link(group, cpu_group, dst)
+    enc = codec.encode(tensor_dict, allow_pickle=allow_pickle, limits=DEFAULT_LIMITS,
+                       tp=tp_of(all_gather_group), all_gather_tensors=all_gather_tensors)
+    return [link.send(enc, chunk_bytes=DEFAULT_CHUNK_BYTES)]
 
 
 def irecv_tensor_dict(
@@ -113,41 +78,37 @@ def irecv_tensor_dict(
     all_gather_tensors: Mapping[str, bool] | None = None,
     allow_pickle: bool = False,
 ) -> tuple[dict[str, Any] | None, list[Handle], list[Callable[[], None]]]:
-    """Receives the next hop's header from ``src`` and posts its payload receives.
+    """Receives the next hop's head from ``src`` and posts its payload receives.
 
     Returns ``(dict, handles, postprocess)``: the dict's tensors are views of one buffer per
     device type and hold valid data once every handle's ``wait()`` and then every postprocess
     call (the TP all-gather and reassembly, which replace the sliced keys' values) have run.
-    The slicing decisions come from the sender's header; ``all_gather_tensors`` is accepted for
+    The slicing decisions come from the sender's hop; ``all_gather_tensors`` is accepted for
     call compatibility and not needed here.
     """
-    del all_gather_tensors  # the per-key decision travels in the header
-    group = _group(group)
-    if _alone(group):
+    del all_gather_tensors  # the per-key decision travels in the hop
+    group, cpu_group = resolve_groups(group, cpu_group)
+    if dist.get_world_size(group) == 1:
         return None, [], []
-    if src is None:
-        src = (dist.get_rank(group) - 1) % dist.get_world_size(group)
-    ch = channel_for(
-        src,
-        group=group,
-        cpu_group=cpu_group,
-        all_gather_group=all_gather_group,
-        allow_pickle=allow_pickle,
-    )
-    return ch.irecv_posted()
+    src = _peer(group, src, -1, "src")
+    link = get_link(group, cpu_group, src)
+    opts = RecvOptions(allow_pickle=allow_pickle, limits=DEFAULT_LIMITS,
+                       tp=tp_of(all_gather_group), check=None, timeout=None)
+    return link.advance(link.post(opts))
 
 
 def send_tensor_dict(
     tensor_dict: Mapping[str, Any], dst: int | None = None, **kwargs: Any
 ) -> Mapping[str, Any] | None:
-    """Blocking-call shape of :func:`isend_tensor_dict`; still never waits for the peer.
+    """Blocking send: returns once the transport has taken the bytes, raises if that failed.
 
     With a group of one rank it returns ``tensor_dict`` unchanged, as vLLM does.
     """
-    group = _group(kwargs.get("group"))
-    if _alone(group):
+    group, _ = resolve_groups(kwargs.get("group"), kwargs.get("cpu_group"))
+    if dist.get_world_size(group) == 1:
         return tensor_dict
-    isend_tensor_dict(tensor_dict, dst, **kwargs)
+    for h in isend_tensor_dict(tensor_dict, dst, **kwargs):
+        h.wait()
     return None
 
 

@@ -1,188 +1,248 @@
-"""The one piece that moves bytes between ranks: torch.distributed point-to-point today.
+"""Posting and completing transfers: torch.distributed point-to-point, one small module.
 
-Everything above it (wire format, channel, functional API) speaks in uint8 buffers, peers given
-as global ranks, and :class:`Handle`. A same-host transport (shared memory, CUDA IPC) replaces
-this module's four functions without touching the rest.
+Everything above speaks in uint8 buffers, global ranks and :class:`Handle`. gloo matches
+messages by (peer, tag), so a link keeps three streams apart: hellos, heads and data. NCCL
+ignores tags; its messages to one peer are matched in the order posted, which the link keeps.
+
+Completion: a gloo send completes only once the peer posted the receive, and gloo reports it
+only once somebody waits on it, so a per-process *reaper* thread waits on every posted send and
+holds its buffers until then; :func:`flush` waits for all of them and raises a failure, and an
+``atexit`` hook flushes at a normal interpreter exit (bounded; a ``fork`` child that ends with
+``os._exit`` skips it). A wait with a finite timeout never passes the timeout to gloo (gloo
+closes the connection when a wait times out): a helper thread does the blocking wait and the
+caller waits for it, so a :class:`TimeoutError` leaves the transfer intact for a later wait.
 """
 
 from __future__ import annotations
 
-import datetime
-import queue
+import atexit
+import collections
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Handle", "isend", "irecv", "all_gather_into", "backend_of", "HEADER_TAG",
-           "PAYLOAD_TAG"]
+__all__ = ["Handle", "isend", "irecv", "all_gather_into", "is_gloo", "flush", "REAPER",
+           "copy_bytes", "HELLO_TAG", "HEAD_TAG", "DATA_TAG"]
 
-# gloo matches messages by (peer, tag): headers and payloads never take each other's receive.
-HEADER_TAG = 0x5050
-PAYLOAD_TAG = 0x5051
-
-
-def backend_of(group: dist.ProcessGroup | None) -> str:
-    return str(dist.get_backend(group)).lower()
-
+HELLO_TAG = 0x5052
+HEAD_TAG = 0x5053
+DATA_TAG = 0x5054
 
 _GLOO: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
-def _tag(group: dist.ProcessGroup | None, tag: int) -> int:
-    # NCCL ignores tags; gloo uses them to keep header and payload streams apart. Asking
-    # torch for the backend costs ~20 us a call here, so the answer is kept per group, weakly:
-    # holding a group alive past destroy_process_group would tear it down at interpreter exit
-    key = dist.group.WORLD if group is None else group
-    gloo = _GLOO.get(key)
-    if gloo is None:
-        gloo = _GLOO[key] = backend_of(group) == "gloo"
-    return tag if gloo else 0
+def is_gloo(group: dist.ProcessGroup) -> bool:
+    # torch's backend lookup costs ~20 us a call: kept per group, weakly (holding a group past
+    # destroy_process_group would tear it down at interpreter exit)
+    g = _GLOO.get(group)
+    if g is None:
+        g = _GLOO[group] = str(dist.get_backend(group)).lower() == "gloo"
+    return g
 
 
-def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
-          what: str = "") -> Any:
-    """Posts a send of ``buf`` to global rank ``peer``; returns the backend's work object.
-
-    ``what`` names the step in the error when posting itself fails (a peer already gone).
-    """
+def isend(buf: torch.Tensor, peer: int, group: dist.ProcessGroup, tag: int, what: str) -> Any:
     try:
-        return dist.isend(buf, peer, group=group, tag=_tag(group, tag))
+        return dist.isend(buf, peer, group=group, tag=tag if is_gloo(group) else 0)
     except RuntimeError as e:
-        raise RuntimeError(f"{what or f'send to rank {peer}'} could not be posted: {e}") from e
+        raise RuntimeError(f"{what} could not be posted: {e}") from e
 
 
-def irecv(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, tag: int, *,
-          what: str = "") -> Any:
-    """Posts a receive into ``buf`` (its exact size) from global rank ``peer``."""
+def irecv(buf: torch.Tensor, peer: int, group: dist.ProcessGroup, tag: int, what: str) -> Any:
     try:
-        return dist.irecv(buf, peer, group=group, tag=_tag(group, tag))
+        return dist.irecv(buf, peer, group=group, tag=tag if is_gloo(group) else 0)
     except RuntimeError as e:
-        raise RuntimeError(f"{what or f'receive from rank {peer}'} could not be posted: {e}") \
-            from e
+        raise RuntimeError(f"{what} could not be posted: {e}") from e
 
 
 def all_gather_into(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> None:
     """One all-gather: ``out`` is ``[world, inp.numel()]``, row ``r`` gets rank ``r``'s ``inp``."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.view(-1), inp, group=group)
+    dist.all_gather_into_tensor(out.view(-1), inp, group=group)
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies between contiguous uint8 CPU tensors on this thread alone.
+
+    torch's copy runs on its intra-op pool above 32 K elements; with two ranks per two cores and
+    torch's default thread count the pool's spinning workers starve gloo's I/O threads (a 1 MiB
+    hop: ~4 ms instead of ~0.6 ms), so host copies on the transfer path stay single-threaded.
+    """
+    if dst.numel():
+        np.copyto(dst.numpy(), src.numpy())
 
 
 class Handle:
     """One posted transfer (possibly several messages).
 
-    ``wait()`` blocks until the bytes have moved (gloo) or orders the current CUDA stream after
-    them (NCCL), like ``torch.distributed.Work.wait``; it raises if the transfer failed, naming
-    the peer and the step. Buffers the transfer reads or writes are kept alive by the handle.
+    ``wait(timeout=None)`` blocks until the bytes have moved (gloo) or orders the current CUDA
+    stream after them (NCCL), and raises ``RuntimeError`` naming the peer and the step if the
+    transfer failed. With a timeout (or the channel's), a ``TimeoutError`` naming peer and step
+    leaves the transfer posted, and a later ``wait()`` still completes it. The buffers the
+    transfer reads or writes stay alive until it is done.
     """
 
-    def __init__(self, works: Sequence[Any], keep: Sequence[Any] = (), *, what: str = "",
-                 timeout: float | None = None) -> None:
+    __slots__ = ("_works", "_keep", "what", "_timeout", "_done", "_error", "_lock",
+                 "_on_done", "_waiter")
+
+    def __init__(self, works: Sequence[Any], keep: Sequence[Any] = (), *, what: str,
+                 timeout: float | None = None,
+                 on_done: Callable[[Handle], None] | None = None) -> None:
         self._works = list(works)
         self._keep = list(keep)
-        self._what = what
+        self.what = what
         self._timeout = timeout
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._on_done = on_done
+        self._waiter: threading.Thread | None = None
+        if not self._works:
+            self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._works = []  # the backend's work objects hold their process group
+        self._keep = []
+        self._done.set()
+        cb, self._on_done = self._on_done, None
+        if cb is not None:
+            cb(self)
+
+    def _wait_works(self) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            err = None
+            try:
+                for w in self._works:
+                    w.wait()
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised with context
+                err = e
+            self._finish(err)
 
     def wait(self, timeout: float | None = None) -> None:
-        timeout = self._timeout if timeout is None else timeout
+        t = self._timeout if timeout is None else timeout
         if not self._done.is_set():
-            # one thread waits on the works (the reaper or the caller); another caller waits
-            # for it, still bounded by its own timeout
-            if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-                raise TimeoutError(f"{self._what} did not complete within {timeout} s")
-            try:
-                if not self._done.is_set():
-                    try:
-                        for w in self._works:
-                            if timeout is None:
-                                w.wait()
-                            else:
-                                w.wait(datetime.timedelta(seconds=timeout))
-                    except BaseException as e:  # noqa: BLE001 - re-raised with context below
-                        self._error = e
-                    self._done.set()
-                    # the backend's work objects hold their process group: let them go now
-                    self._works = []
-            finally:
-                self._lock.release()
+            if t is None:
+                self._wait_works()
+            else:
+                if self._waiter is None:
+                    with self._lock:
+                        if self._waiter is None and not self._done.is_set():
+                            self._waiter = threading.Thread(target=self._wait_works,
+                                                            name="pipepack-wait", daemon=True)
+                            self._waiter.start()
+                if not self._done.wait(t):
+                    raise TimeoutError(f"{self.what} did not complete within {t} s (still "
+                                       "posted: a later wait() can complete it)")
         if self._error is not None:
-            raise RuntimeError(f"{self._what} failed: {self._error}") from self._error
+            raise RuntimeError(f"{self.what} failed: {self._error}") from self._error
 
     def is_completed(self) -> bool:
+        """True once the transfer is known to have completed (False while unknown, and after a
+        failure)."""
         if self._done.is_set():
             return self._error is None
-        return all(w.is_completed() for w in self._works)
+        return False
 
     @property
     def error(self) -> BaseException | None:
         return self._error
 
     @property
-    def buffers(self) -> list[Any]:
-        """What the transfer reads or writes (valid until :meth:`release`)."""
-        return self._keep
-
-    def release(self) -> None:
-        """Drops the buffers (only after the transfer is done)."""
-        self._keep.clear()
+    def done(self) -> bool:
+        return self._done.is_set()
 
 
-class SendReaper:
-    """Waits on posted sends in the background so callers never have to.
-
-    gloo reports a send complete only once someone waits on it, and its buffers must outlive
-    the transfer; the reaper holds both until then and records failures, which the next send
-    to the same peer re-raises. One daemon thread per process, started on first use.
-    """
+class _Reaper:
+    """Waits on posted sends in the background so callers never have to (one daemon thread)."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Handle, Callable[[Handle], None] | None]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._queue: collections.deque[Handle] = collections.deque()
+        self._cv = threading.Condition()
         self._pending = 0
-        self._idle = threading.Condition(self._lock)
+        self._failures: list[Handle] = []
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
-    def add(self, handle: Handle, on_done: Callable[[Handle], None] | None = None) -> None:
-        with self._lock:
-            self._pending += 1
-            if self._thread is None or not self._thread.is_alive():
+    def add(self, handle: Handle) -> None:
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()  # a forked child inherits no thread
+                self._queue.clear()
+                self._pending = 0
                 self._thread = threading.Thread(target=self._run, name="pipepack-send-reaper",
                                                 daemon=True)
                 self._thread.start()
-        self._queue.put((handle, on_done))
+            self._pending += 1
+            self._queue.append(handle)
+            self._cv.notify_all()
 
     def _run(self) -> None:
         while True:
-            handle, on_done = self._queue.get()
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                handle = self._queue.popleft()
             try:
-                handle.wait()
-            except BaseException:  # noqa: BLE001 - kept on the handle, re-raised by its owner
+                handle.wait(None)
+            except BaseException:  # noqa: BLE001 - recorded below, raised by flush / next send
                 pass
-            if on_done is not None:
-                on_done(handle)
-            handle.release()
-            # hold nothing while idle: the last references to a channel (and through it a
-            # process group) must not live on in a daemon thread until interpreter exit
-            del handle, on_done
-            with self._lock:
+            with self._cv:
+                if handle.error is not None:
+                    self._failures.append(handle)
                 self._pending -= 1
-                if self._pending == 0:
-                    self._idle.notify_all()
+                self._cv.notify_all()
+            del handle  # hold nothing while idle
 
     def pending(self) -> int:
-        with self._lock:
+        with self._cv:
             return self._pending
 
+    def flush(self, timeout: float | None = None) -> None:
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._pending == 0, timeout):
+                raise TimeoutError(f"{self._pending} pipepack send(s) still pending after "
+                                   f"{timeout} s")
+            failures, self._failures = self._failures, []
+        if failures:
+            h = failures[0]
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise RuntimeError(f"{h.what} failed{more}: {h.error}") from h.error
+
     def drain(self, timeout: float | None = None) -> bool:
-        """Blocks until every posted send completed (or failed); False on timeout."""
-        with self._lock:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+        """Waits for pending sends without raising their failures; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._pending == 0, timeout)
 
 
-REAPER = SendReaper()
+REAPER = _Reaper()
+
+
+def flush(timeout: float | None = None) -> None:
+    """Waits for every pending send of this process; raises the first one that failed.
+
+    ``TimeoutError`` when sends are still pending after ``timeout`` seconds.
+    """
+    REAPER.flush(timeout)
+
+
+EXIT_FLUSH_TIMEOUT = float(os.environ.get("PIPEPACK_EXIT_FLUSH_TIMEOUT", "60"))
+
+
+def _flush_at_exit() -> None:
+    if REAPER.pending() == 0 or REAPER._pid != os.getpid():
+        return
+    try:
+        REAPER.flush(EXIT_FLUSH_TIMEOUT)
+    except BaseException as e:  # noqa: BLE001 - exit goes on; say what was lost
+        print(f"pipepack: at exit, pending sends did not all complete: {e}", file=sys.stderr)
+
+
+atexit.register(_flush_at_exit)

@@ -266,8 +266,10 @@ def _ring_body(rank: int, world: int) -> None:
     # and the ring brings them back to stage 0
     n_mb = 4
     if rank == 0:
+        # isend: a blocking send completes only once the peer took the hop, and the ring's last
+        # stage sends back to this rank before it receives
         for mb in range(n_mb):
-            send_tensor_dict({"mb": mb, "h": torch.full((mb + 2, 16), float(mb))})
+            isend_tensor_dict({"mb": mb, "h": torch.full((mb + 2, 16), float(mb))})
         for mb in range(n_mb):
             got = recv_tensor_dict()
             check_dict(got, {"mb": mb, "h": torch.full((mb + 2, 16), float(mb + 2 + 3))},
@@ -559,8 +561,8 @@ def _bad_input_body(rank: int, world: int) -> None:
             ({"x": torch.arange(4), "bad": _Point(1, "a"), "big": torch.zeros(40, 200)},
              TypeError, r"'bad'"),
             ({"x": torch.arange(4), "bad": [1, (2, {"k": object()})]}, TypeError, r"'bad'"),
-            ({"x": torch.arange(4), "nested_tensor": [torch.ones(2)]}, TypeError,
-             r"'nested_tensor'"),
+            ({"x": torch.arange(4), "nested": [torch.ones(2), object()]}, TypeError,
+             r"'nested'"),
             ({"x": torch.arange(4), "enum": _Color.RED}, TypeError, r"'enum'"),
             ({"x": torch.arange(4), 3: "non-str key"}, TypeError, r"str"),
         ]
@@ -835,10 +837,15 @@ def test_world_size_one_short_circuits(world: int) -> None:
     run_ranks(world, _alone_body, timeout_s=TIMEOUT_S)
 
 
-def test_world_size_one_without_process_group() -> None:
-    """Without an initialized process group the functions short-circuit like a 1-rank world."""
+def test_no_process_group_raises() -> None:
+    """Without an initialised process group every call raises: a dropped hop is data loss."""
     assert not dist.is_initialized()
-    _check_alone(None)
+    d = {"x": torch.arange(3)}
+    for call in (lambda: send_tensor_dict(d), lambda: isend_tensor_dict(d),
+                 lambda: recv_tensor_dict(), lambda: irecv_tensor_dict(),
+                 lambda: TensorDictChannel(1)):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,10 @@ def unpatch(coord: Any, engine: str) -> None:
 
 
 def record(coord: Any) -> _Installed:
-    return coord.__dict__[_RECORD]
+    rec = coord.__dict__.get(_RECORD)
+    if rec is None:  # a bound method kept from before uninstall()
+        raise RuntimeError("pipepack's adapter is no longer installed on this group")
+    return rec
 
 
 def alone(coord: Any) -> bool:

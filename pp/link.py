@@ -1,0 +1,533 @@
+"""The wire to one peer, both directions: setup, ordering, and the hop's messages.
+
+One :class:`Link` per (process group, peer) in a process, shared by every channel object and
+the functional API, so all hops to a peer go through one sequence whatever thread or option
+sent them.
+
+**Setup.** On first use in either direction both ends exchange a *hello* (fixed 4 KiB capacity
+on its own tag): protocol version, process id, host identity and the capacity of the head
+receives this end posts. Nothing else is assumed to be configured alike on both ends.
+
+**Send.** A hop is encoded and packed outside any lock (bad input fails before anything is
+posted); under the send lock it gets its sequence number and its messages are posted back to
+back, so hops from several threads never interleave. If the whole hop fits the peer's head
+capacity it is one message. The reaper completes the sends; the caller may reuse its tensors
+as soon as ``send`` returns.
+
+**Receive.** A receive posts the head at once, at this end's capacity (a shorter head is fine on
+gloo). Heads are read strictly in posting order under the advance lock: the frame alone says
+what follows, every size in it is checked against the limits, the follow-on receives are posted
+in order, then the body is decoded. A hop refused after its frame was read (pickle not allowed,
+no matching all-gather group, declared mismatch) is still received in full and dropped, so the
+link stays in step; only a bad frame or a failed transfer leaves it out of step for good.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipepack.kernels import pack
+
+from . import codec, transport
+from .pool import BufferPool
+from .transport import DATA_TAG, HEAD_TAG, HELLO_TAG, REAPER, Handle
+from .wire import hop
+from .wire.hop import FRAME_BYTES, align16
+from .wire.limits import Limits, WireError
+
+__all__ = ["Link", "get_link", "reset_links", "DEFAULT_HEAD_BYTES", "DEFAULT_CHUNK_BYTES",
+           "host_identity"]
+
+DEFAULT_HEAD_BYTES = (2 << 20) + (64 << 10)
+"""Capacity of each head receive: a hop with up to ~2 MiB of CPU payload is one message."""
+DEFAULT_CHUNK_BYTES = 2 << 20
+"""gloo moves large payloads faster as several messages in flight (4 MiB: 3.4 ms as one
+message, 2.3 ms as 2 x 2 MiB on the development machine)."""
+MIN_HEAD_BYTES = 64 << 10
+"""Every end posts head receives of at least this many bytes."""
+HELLO_BYTES = 4096
+_HELLO = struct.Struct("<4sHHIIQ32s")
+_HELLO_MAGIC = b"PPKH"
+_COPY_OUT_RATIO = 4  # a received hop never pins a head buffer more than 4x its own size
+
+
+def host_identity() -> bytes:
+    """32 bytes that are equal for two processes on the same host and boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = b""
+    return hashlib.sha256(socket.gethostname().encode() + b"\0" + boot).digest()
+
+
+class _Incoming:
+    """One posted head receive and what became of it."""
+
+    __slots__ = ("seq", "buf", "handle", "opts", "advanced", "result", "error")
+
+    def __init__(self, seq: int, buf: torch.Tensor, handle: Handle, opts: Any) -> None:
+        self.seq = seq
+        self.buf = buf
+        self.handle = handle
+        self.opts = opts
+        self.advanced = False
+        self.result: tuple[dict, list[Handle], list[Callable[[], None]]] | None = None
+        self.error: BaseException | None = None
+
+
+class RecvOptions:
+    """What the receiving call decides about its hop."""
+
+    __slots__ = ("allow_pickle", "limits", "tp", "check", "timeout")
+
+    def __init__(self, *, allow_pickle: bool, limits: Limits, tp: codec.TP | None,
+                 check: Callable[[list], None] | None, timeout: float | None) -> None:
+        self.allow_pickle = allow_pickle
+        self.limits = limits
+        self.tp = tp
+        self.check = check
+        self.timeout = timeout
+
+
+class Link:
+    def __init__(self, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
+                 head_bytes: int = DEFAULT_HEAD_BYTES, timeout: float | None = None) -> None:
+        if head_bytes < MIN_HEAD_BYTES or head_bytes % 16 or head_bytes >= 1 << 32:
+            raise ValueError(f"slot_bytes (head capacity) must be a multiple of 16 in "
+                             f"[{MIN_HEAD_BYTES}, 4 GiB), got {head_bytes}")
+        self._group = weakref.ref(group)
+        self._cpu_group = weakref.ref(cpu_group)
+        self.cpu_is_device_group = cpu_group is group
+        self.peer = peer
+        self.peer_global = dist.get_global_rank(group, peer)
+        self.me = dist.get_rank(group)
+        self.head_bytes = head_bytes
+        self.timeout = timeout
+        self.peer_head_bytes: int | None = None
+        self.hello_error: BaseException | None = None
+        self._hello_started = False
+        self.peer_pid: int | None = None
+        self.same_host: bool | None = None
+        self._hello_lock = threading.Lock()
+        # send side
+        self._send_lock = threading.Lock()
+        self._send_seq = 0
+        self._send_broken: BaseException | None = None
+        self._send_failed: Handle | None = None
+        self._sent: collections.deque[Handle] = collections.deque()
+        self.send_pool = BufferPool()
+        # receive side
+        self._post_lock = threading.Lock()
+        self._advance_lock = threading.Lock()
+        self._recv_posted = 0
+        self._queue: collections.deque[_Incoming] = collections.deque()
+        self._recv_broken: BaseException | None = None
+        self._progress: collections.deque[_Incoming] = collections.deque()
+        self._progress_cv = threading.Condition()
+        self._progress_thread: threading.Thread | None = None
+        self.head_pool = BufferPool()
+        self.recv_pool = BufferPool()
+
+    # ------------------------------------------------------------------ groups, setup
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        g = self._group()
+        if g is None:
+            raise RuntimeError(f"the process group of the link to rank {self.peer_global} was "
+                               "destroyed")
+        return g
+
+    @property
+    def cpu_group(self) -> dist.ProcessGroup:
+        g = self._cpu_group()
+        if g is None:
+            raise RuntimeError(f"the cpu group of the link to rank {self.peer_global} was "
+                               "destroyed")
+        return g
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.peer_global}"
+
+    def hello(self) -> None:
+        """Starts the one-time exchange with the peer, without waiting for it.
+
+        Both ends post their hello at their first use of the link; a thread completes it. Until
+        the peer's hello arrives this end sends as if the peer's head capacity were the minimum
+        every end posts (:data:`MIN_HEAD_BYTES`), so no send ever waits for the peer's setup.
+        """
+        if self._hello_started:
+            return
+        with self._hello_lock:
+            if self._hello_started:
+                return
+            mine = _HELLO.pack(_HELLO_MAGIC, hop.VERSION, 0, self.head_bytes, os.getpid(), 0,
+                               host_identity())
+            out = torch.zeros(len(mine), dtype=torch.uint8)
+            out.numpy()[:] = np.frombuffer(mine, np.uint8)
+            got = torch.zeros(HELLO_BYTES, dtype=torch.uint8)
+            what = f"channel setup with {self.name}"
+            works = [transport.isend(out, self.peer_global, self.cpu_group, HELLO_TAG, what),
+                     transport.irecv(got, self.peer_global, self.cpu_group, HELLO_TAG, what)]
+            handle = Handle(works, [out, got], what=what)
+            threading.Thread(target=self._finish_hello, args=(handle, got),
+                             name="pipepack-hello", daemon=True).start()
+            self._hello_started = True
+
+    def _finish_hello(self, handle: Handle, got: torch.Tensor) -> None:
+        try:
+            handle.wait(None)
+        except BaseException as e:  # noqa: BLE001 - the peer is gone; its transfers will say so
+            self.hello_error = e
+            return
+        magic, version, _, cap, pid, _, host = _HELLO.unpack_from(got.numpy().tobytes())
+        if magic != _HELLO_MAGIC or version != hop.VERSION or not (
+                MIN_HEAD_BYTES <= cap < 1 << 32 and cap % 16 == 0):
+            self.hello_error = WireError(
+                f"channel setup with {self.name}: the peer sent {magic!r} version {version} with "
+                f"a head capacity of {cap}; this side speaks {_HELLO_MAGIC!r} version "
+                f"{hop.VERSION}")
+            return
+        self.peer_pid = pid
+        self.same_host = host == host_identity()
+        self.peer_head_bytes = cap
+
+    def wait_hello(self, timeout: float | None = None) -> None:
+        """Blocks until the peer's hello arrived (for callers that need its facts)."""
+        self.hello()
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.peer_head_bytes is None and self.hello_error is None:
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"{self.name} did not answer the channel setup within "
+                                   f"{timeout} s")
+            time.sleep(0.001)
+        if self.hello_error is not None:
+            raise RuntimeError(f"channel setup with {self.name} failed: {self.hello_error}")
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, enc: codec.Encoded, *, chunk_bytes: int | None,
+             timeout: float | None = None) -> Handle:
+        """Packs and posts one hop; returns once every message is posted."""
+        self.hello()
+        if self._send_failed is not None:
+            h = self._send_failed
+            raise RuntimeError(f"an earlier {h.what} failed: {h.error}") from h.error
+        cap = self.peer_head_bytes or MIN_HEAD_BYTES
+        body = enc.body
+        cpu = enc.parts.get("cpu")
+        cpu_n = cpu.wire_layout.nbytes if cpu is not None else 0
+        inline_len = align16(FRAME_BYTES + len(body)) + cpu_n
+        keep: list[torch.Tensor] = []
+        rest = None
+        cpu_buf = None
+        chunk = 0
+        if inline_len <= cap:
+            head = self.send_pool.get(inline_len)[:inline_len]
+            hn = head.numpy()
+            hn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
+            if cpu_n:
+                off = inline_len - cpu_n
+                pack(enc.sources["cpu"], out=head[off:], layout=cpu.wire_layout)
+            flags = enc.flags | hop.F_INLINE
+        else:
+            in_head = min(len(body), cap - FRAME_BYTES)
+            head = torch.empty(FRAME_BYTES + in_head, dtype=torch.uint8)
+            hn = head.numpy()
+            hn[FRAME_BYTES:] = np.frombuffer(body, np.uint8, count=in_head)
+            if in_head < len(body):
+                rest = torch.from_numpy(np.frombuffer(body, np.uint8, offset=in_head).copy())
+                keep.append(rest)
+            if cpu_n:
+                cpu_buf = self.send_pool.get(cpu_n)[:cpu_n]
+                pack(enc.sources["cpu"], out=cpu_buf, layout=cpu.wire_layout)
+                keep.append(cpu_buf)
+                chunk = chunk_bytes if chunk_bytes else cpu_n
+                chunk = max(align16(chunk), hop.MIN_CHUNK_BYTES)
+            flags = enc.flags
+        keep.append(head)
+        dev_type = None
+        dev_buf = None
+        for d, p in enc.parts.items():
+            if d in ("cpu", "meta"):
+                continue
+            dev_type = d
+            src = enc.sources[d]
+            dev_buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8, device=src[0].device)
+            if dev_buf.numel():
+                pack(src, out=dev_buf, layout=p.wire_layout)
+            keep.append(dev_buf)
+        dev_n = 0 if dev_buf is None else dev_buf.numel()
+        if dev_n and self.cpu_is_device_group and dev_type != "cpu":
+            raise ValueError(f"{dev_type} tensors need a device group (NCCL) beside the gloo "
+                             "cpu_group; this channel has only a gloo group")
+        frame = hop.Frame(flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type,
+                          enc.tp_world, dev_n)
+        with self._send_lock:
+            if self._send_broken is not None:
+                raise RuntimeError(f"the link to {self.name} is out of step since a send failed "
+                                   f"half-posted ({self._send_broken!r}); recreate the process "
+                                   "group to recover") from self._send_broken
+            seq = self._send_seq
+            what = f"send #{seq} to {self.name}"
+            hn[:FRAME_BYTES] = np.frombuffer(
+                hop.encode_frame(hop.Frame(flags, seq, *_frame_tail(frame))), np.uint8)
+            works: list[Any] = []
+            try:
+                cg = self.cpu_group
+                works.append(transport.isend(head, self.peer_global, cg, HEAD_TAG, what))
+                if rest is not None:
+                    works.append(transport.isend(rest, self.peer_global, cg, DATA_TAG, what))
+                for s, e in frame.cpu_chunks():
+                    works.append(transport.isend(cpu_buf[s:e], self.peer_global, cg, DATA_TAG,
+                                                 what))
+                if dev_n:
+                    works.append(transport.isend(dev_buf, self.peer_global, self.group, 0, what))
+            except BaseException as e:
+                if works:  # part of the hop is on the wire: the peer is out of step
+                    self._send_broken = e
+                raise
+            self._send_seq += 1
+        handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+        self._sent.append(handle)
+        while self._sent and self._sent[0].done:
+            self._sent.popleft()
+        REAPER.add(handle)
+        return handle
+
+    def _on_sent(self, h: Handle) -> None:
+        if h.error is not None and self._send_failed is None:
+            self._send_failed = h
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Waits for every send posted on this link so far; raises a failure."""
+        for h in list(self._sent):
+            h.wait(timeout)
+
+    # ------------------------------------------------------------------ receive
+
+    def _check_recv_broken(self) -> None:
+        if self._recv_broken is not None:
+            raise RuntimeError(f"the link from {self.name} is out of step since a receive failed "
+                               f"({self._recv_broken}); recreate the process group to "
+                               "recover") from self._recv_broken
+
+    def post(self, opts: RecvOptions) -> _Incoming:
+        """Posts the next head receive and returns at once."""
+        self.hello()
+        with self._post_lock:
+            self._check_recv_broken()
+            seq = self._recv_posted
+            buf = self.head_pool.get(self.head_bytes)
+            what = f"head of receive #{seq} from {self.name}"
+            work = transport.irecv(buf[: self.head_bytes], self.peer_global, self.cpu_group,
+                                   HEAD_TAG, what)
+            self._recv_posted += 1
+            inc = _Incoming(seq, buf, Handle([work], [], what=what, timeout=opts.timeout), opts)
+            self._queue.append(inc)
+        return inc
+
+    def post_async(self, opts: RecvOptions) -> _Incoming:
+        """Posts the next head receive and has a thread read it as soon as it arrives, so the
+        hop's payload receives are posted (and its bytes move) while the caller computes."""
+        inc = self.post(opts)
+        with self._progress_cv:
+            self._progress.append(inc)
+            if self._progress_thread is None or not self._progress_thread.is_alive():
+                self._progress_thread = threading.Thread(
+                    target=self._run_progress, name=f"pipepack-recv-{self.peer_global}",
+                    daemon=True)
+                self._progress_thread.start()
+            self._progress_cv.notify()
+        return inc
+
+    def _run_progress(self) -> None:
+        while True:
+            with self._progress_cv:
+                while not self._progress:
+                    if not self._progress_cv.wait(timeout=5.0) and not self._progress:
+                        self._progress_thread = None
+                        return
+                inc = self._progress.popleft()
+            try:
+                self.advance(inc, None)
+            except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
+                pass
+            del inc
+
+    def advance(self, inc: _Incoming, timeout: float | None = None
+                ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
+        """Reads heads in order up to ``inc``'s and posts their follow-on receives."""
+        t = inc.opts.timeout if timeout is None else timeout
+        deadline = None if t is None else time.monotonic() + t
+        if not inc.advanced:
+            if not self._advance_lock.acquire(timeout=-1 if t is None else t):
+                raise TimeoutError(f"receive #{inc.seq} from {self.name} did not complete within "
+                                   f"{t} s (still posted: a later wait() can complete it)")
+            try:
+                while not inc.advanced:
+                    self._check_recv_broken()
+                    front = self._queue[0]
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    front.handle.wait(left)
+                    self._queue.popleft()
+                    try:
+                        self._read(front)
+                    except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
+                        front.error = e
+                        self._recv_broken = e
+                    front.advanced = True
+            except BaseException as e:
+                if not isinstance(e, TimeoutError):
+                    self._recv_broken = self._recv_broken or e
+                raise
+            finally:
+                self._advance_lock.release()
+        if inc.error is not None:
+            raise inc.error
+        return inc.result
+
+    def _read(self, inc: _Incoming) -> None:
+        seq = inc.seq
+        opts = inc.opts
+        head = inc.buf
+        where = f"receive #{seq} from {self.name}"
+        try:
+            frame = hop.decode_frame(head[:FRAME_BYTES].numpy().tobytes(),
+                                     capacity=self.head_bytes, limits=opts.limits)
+        except WireError as e:
+            raise WireError(f"{where}: {e}") from None
+        if frame.seq != seq:
+            raise WireError(f"{where}: the peer sent hop #{frame.seq} where #{seq} was due (a hop "
+                            "was lost or doubled)")
+        # post every follow-on receive from the frame alone, in order
+        works = []
+        keep = []
+        cg = self.cpu_group
+        rest = None
+        what = f"payload of {where}"
+        if frame.body_len > frame.body_in_head:
+            rest = torch.empty(frame.body_len - frame.body_in_head, dtype=torch.uint8)
+            rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what)
+        buffers: dict[str, torch.Tensor] = {}
+        if frame.cpu_nbytes:
+            if frame.inline:
+                off = frame.cpu_offset
+                cpu = head[off : off + frame.cpu_nbytes]
+                if frame.cpu_nbytes * _COPY_OUT_RATIO < self.head_bytes:
+                    small = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
+                    transport.copy_bytes(small, cpu)
+                    cpu = small
+            else:
+                cpu = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
+                for s, e in frame.cpu_chunks():
+                    works.append(transport.irecv(cpu[s:e], self.peer_global, cg, DATA_TAG, what))
+                keep.append(cpu)
+            buffers["cpu"] = cpu
+        if frame.dev_nbytes:
+            dev = torch.device(frame.dev_type, _current_index(frame.dev_type))
+            dbuf = torch.empty(frame.dev_nbytes, dtype=torch.uint8, device=dev)
+            works.append(transport.irecv(dbuf, self.peer_global, self.group, 0, what))
+            keep.append(dbuf)
+            buffers[frame.dev_type] = dbuf
+        payload = Handle(works, keep, what=what, timeout=opts.timeout)
+        body = head[FRAME_BYTES : FRAME_BYTES + frame.body_in_head].numpy().tobytes()
+        if rest is not None:
+            Handle([rest_work], [rest], what=f"header of {where}", timeout=opts.timeout).wait()
+            body += rest.numpy().tobytes()
+        del head, inc.buf  # views of the head (inline payload) keep it; nothing else does
+        try:
+            dec = codec.header_parts(frame, body, opts.limits)
+            out, post = codec.decode(frame, body, dec, buffers, allow_pickle=opts.allow_pickle,
+                                     limits=opts.limits, tp=opts.tp)
+            if opts.check is not None:
+                opts.check(codec.items_of(dec.schema, out))
+        except (WireError, ValueError, TypeError) as e:
+            _DROPPED.add(payload)  # receive the rest of the hop anyway: the link stays in step
+            inc.error = type(e)(f"{where} refused: {e}") if isinstance(e, WireError) else \
+                WireError(f"{where} refused: {e}")
+            return
+        inc.result = (out, [payload] if works else [], post)
+
+
+def _frame_tail(f: hop.Frame) -> tuple:
+    return (f.head_len, f.body_len, f.cpu_nbytes, f.chunk_bytes, f.dev_type, f.tp_world,
+            f.dev_nbytes)
+
+
+def _current_index(device_type: str) -> int | None:
+    mod = getattr(torch, device_type, None)
+    try:
+        return mod.current_device() if mod is not None else None
+    except Exception:  # noqa: BLE001 - a backend without a current-device notion
+        return None
+
+
+class _Dropped:
+    """Completes the receives of refused hops in the background and forgets them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[Handle] = []
+
+    def add(self, h: Handle) -> None:
+        if h.done:
+            return
+        threading.Thread(target=self._finish, args=(h,), name="pipepack-drop",
+                         daemon=True).start()
+
+    @staticmethod
+    def _finish(h: Handle) -> None:
+        try:
+            h.wait(None)
+        except BaseException:  # noqa: BLE001 - a refused hop: nobody waits for its bytes
+            pass
+
+
+_DROPPED = _Dropped()
+
+_LINKS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, Link]] = \
+    weakref.WeakKeyDictionary()
+_LINKS_LOCK = threading.Lock()
+
+
+def get_link(group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
+             head_bytes: int | None = None, timeout: float | None = None) -> Link:
+    """The one link of this process to ``peer`` (a rank of ``group``)."""
+    with _LINKS_LOCK:
+        per = _LINKS.get(group)
+        if per is None:
+            per = _LINKS[group] = {}
+        link = per.get(peer)
+        if link is None:
+            link = per[peer] = Link(group, cpu_group, peer,
+                                    head_bytes=head_bytes or DEFAULT_HEAD_BYTES, timeout=timeout)
+            return link
+    if link._cpu_group() is not cpu_group:
+        raise ValueError(f"the link to rank {link.peer_global} of this group already uses another "
+                         "cpu_group; one (group, peer) has one wire")
+    if head_bytes is not None and head_bytes != link.head_bytes:
+        raise ValueError(f"the link to rank {link.peer_global} already posts heads of "
+                         f"{link.head_bytes} bytes (slot_bytes), not {head_bytes}")
+    return link
+
+
+def reset_links() -> None:
+    """Forgets every link (call after re-creating process groups)."""
+    with _LINKS_LOCK:
+        _LINKS.clear()
