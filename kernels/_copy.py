@@ -186,8 +186,17 @@ def _byte_dims(v: View, esize: int) -> tuple[list[int], list[int]]:
     return out_sizes, out_strides
 
 
-def _word_ok(ptr: int, start: int, sizes: list[int], strides: list[int], w: int) -> bool:
-    if ptr % w or start % w:
+def _word_ok(
+    ptr: int, start: int, nbytes: int, sizes: list[int], strides: list[int], w: int
+) -> bool:
+    """Whether ``w``-byte words can carry bytes ``[start, start + nbytes)`` of one side.
+
+    Each word must be whole: the piece's own start and length are multiples of ``w`` (not
+    just the view's: a reassembly piece starts and ends mid-row), the innermost byte dim is
+    contiguous and a multiple of ``w`` long (no word straddles two rows), and the address and
+    every outer stride are multiples of ``w`` (every word is aligned).
+    """
+    if ptr % w or start % w or nbytes % w:
         return False
     if w == 1:
         return True
@@ -241,8 +250,8 @@ def _segment_rows(src: View, dst: View, n: int, esize: int) -> list[list[int]] |
 
     w = 8
     while not (
-        _word_ok(src.ptr, s_start, s_sizes, s_strides, w)
-        and _word_ok(dst.ptr, d_start, d_sizes, d_strides, w)
+        _word_ok(src.ptr, s_start, nbytes, s_sizes, s_strides, w)
+        and _word_ok(dst.ptr, d_start, nbytes, d_sizes, d_strides, w)
     ):
         w //= 2
     s_sizes, s_strides = _to_words(s_sizes, s_strides, w)
