@@ -667,3 +667,41 @@ def _pickle_body(rank: int, world: int) -> None:
 def test_allow_pickle_install_carries_objects() -> None:
     """install(allow_pickle=True) on both ends moves what only pickle can (refused without)."""
     run_ranks(2, _pickle_body, timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark hook: bench/engine_baselines.pair, as bench_p2p's ping-pong calls it
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_body(rank: int, world: int, mode: str) -> None:
+    """Ping-pong over the world group as the benchmark does; with 4 ranks, ranks r and r+2
+    are peers and {0,1}, {2,3} the TP groups."""
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])] if world == 4 else None
+    tp_group = tp_groups[rank // 2] if tp_groups else None
+    W, j = (2, rank % 2) if tp_groups else (1, 0)
+    peer = (rank + world // 2) % world
+    send, recv, close = ENGINE.pair(mode, group=dist.group.WORLD, tp_group=tp_group)
+    leader = rank < world // 2
+    for s in range(5):
+        d = _proxy(s, 0 if leader else 1, j)
+        if leader:
+            send(d, peer)
+            got = recv(peer)
+            sent = [_proxy(s, 1, t) for t in range(W)]
+        else:
+            got = recv(peer)
+            sent = [_proxy(s, 0, t) for t in range(W)]
+            send(d, peer)
+        want = _engine_delivery(sent, j, W)
+        check_dict(got, want)
+    close()
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["pp2", "pp2xtp2"])
+@pytest.mark.parametrize("mode", ["sglang", "sglang_pipepack", "vllm", "vllm_pipepack"])
+def test_benchmark_pairs_deliver_what_the_engine_would(mode: str, world: int) -> None:
+    """Each of the benchmark's engine modes moves the hop exactly (checked before it is timed
+    there too)."""
+    assert mode in ENGINE.MODES
+    run_ranks(world, _pair_body, mode, timeout_s=TIMEOUT_S)
