@@ -705,3 +705,19 @@ def test_benchmark_pairs_deliver_what_the_engine_would(mode: str, world: int) ->
     there too)."""
     assert mode in ENGINE.MODES
     run_ranks(world, _pair_body, mode, timeout_s=TIMEOUT_S)
+
+
+def _dead_peer_body(rank: int, world: int) -> None:
+    pp, tp = _groups(rank, 2, 1, _SglangGroup)
+    pp_sglang.install(pp)
+    if rank == 0:
+        pp.send_tensor_dict(_proxy(0, 0, 0))
+        return  # and the process exits
+    _check(pp.recv_tensor_dict(), [_proxy(0, 0, 0)], tp)
+    with pytest.raises(RuntimeError, match=r"receive #1 from rank 0 failed"):
+        pp.recv_tensor_dict()
+
+
+def test_a_dead_peer_raises_naming_peer_and_step() -> None:
+    """Through the adapter, a peer that went away is an exception naming it and the hop."""
+    run_ranks(2, _dead_peer_body, timeout_s=10)
