@@ -6,6 +6,18 @@ destinations; ``reassemble`` rebuilds TP-sliced tensors after one all-gather. On
 is one kernel launch.
 """
 
+from .fused import (
+    add_rmsnorm_reference,
+    dequantize_fp8,
+    dequantize_fp8_reference,
+    pack_wire,
+    pack_wire_reference,
+    plan_wire,
+    quantize_fp8_reference,
+    unpack_add_rmsnorm,
+    unpack_add_rmsnorm_reference,
+    WireLayout,
+)
 from .layout import SUPPORTED_DTYPES, Entry, Layout, plan_layout
 from .ops import (
     clear_plan_cache,
@@ -33,4 +45,14 @@ __all__ = [
     "reassemble_into",
     "reassemble_reference",
     "clear_plan_cache",
+    "WireLayout",
+    "plan_wire",
+    "pack_wire",
+    "pack_wire_reference",
+    "unpack_add_rmsnorm",
+    "unpack_add_rmsnorm_reference",
+    "add_rmsnorm_reference",
+    "dequantize_fp8",
+    "quantize_fp8_reference",
+    "dequantize_fp8_reference",
 ]
