@@ -16,8 +16,10 @@ half the round trip. Modes, each written after what the system it names does:
                     #19582 / vLLM async PP).
   batched           shapes known ahead: one batch_isend_irecv of per-tensor ops, no metadata
                     (PyTorch pipelining / Megatron).
-  packed            pipepack's functional API (header + one payload per device type).
-  packed_static     pipepack's TensorDictChannel with a declared layout (no header).
+  packed            pipepack's blocking functional API, as engines call it: send_tensor_dict,
+                    then recv_tensor_dict (one self-describing hop; one message when it fits
+                    the receiver's head capacity).
+  packed_static     pipepack's TensorDictChannel with a declared layout, receive posted ahead.
   floor             one raw message of the same total bytes, size known ahead.
 The tp2 scenario runs pp2 x tp2 on 4 ranks: each sender sends its TP slice, the receivers
 all-gather; baselines all-gather per tensor as vLLM does, pipepack once for all keys.
@@ -266,20 +268,23 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict):
                            all_gather_group=ctx.tp_group, declared=declared)
     tokens = next(iter(lead)) if len(lead) == 1 else 0
 
+    if not static:
+        from pipepack.pp import recv_tensor_dict, send_tensor_dict
+
+        kw = dict(group=ctx.group, cpu_group=ctx.cpu_group, all_gather_group=ctx.tp_group)
+
+        def send(d, dst):
+            send_tensor_dict(d, dst, **kw)
+
+        def recv(src, like_):
+            return recv_tensor_dict(src, **kw)
+        return send, recv
+
     def send(d, dst):
         ch.isend(d)
 
     def recv(src, like_):
-        if static:
-            return ch.irecv(tokens).wait()
-        # the header path as engines call it (recv_tensor_dict): header received in this
-        # thread, payload receives posted, then waited; no progress-thread handoff
-        d, handles, post = ch.irecv_posted()
-        for h in handles:
-            h.wait()
-        for fn in post:
-            fn()
-        return d
+        return ch.irecv(tokens).wait()
     return send, recv
 
 
@@ -427,7 +432,8 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
 
 
 def _spawned(rank: int, world: int, init_file: str, args, results_path: str) -> None:
-    torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
+    if args.one_thread:  # as torchrun does (OMP_NUM_THREADS=1); default: the user's settings
+        torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
@@ -463,6 +469,8 @@ def meta_record(args) -> dict:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "intra_op_threads": 1 if args.one_thread else torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
     if args.backend == "nccl" and torch.cuda.is_available():
         m["device"] = torch.cuda.get_device_name()
@@ -516,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--quick", action="store_true", help="few iterations (< 30 s)")
+    p.add_argument("--one-thread", action="store_true",
+                   help="torch.set_num_threads(1) in each rank (as torchrun's OMP_NUM_THREADS=1);"
+                        " default: torch's own thread settings, as users run")
     p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--out", help="write JSON records here")

@@ -21,7 +21,14 @@ import torch.distributed as dist
 from pipepack.kernels import Entry, Layout, unpack_into
 
 from . import codec, transport
-from .link import DEFAULT_CHUNK_BYTES, DEFAULT_HEAD_BYTES, Link, RecvOptions, get_link
+from .link import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_HEAD_BYTES,
+    TRANSPORTS,
+    Link,
+    RecvOptions,
+    get_link,
+)
 from .transport import Handle
 from .wire.limits import DEFAULT_LIMITS, Limits, WireError
 
@@ -232,7 +239,11 @@ class TensorDictChannel:
     receiver with one all-gather and one reassembly launch.
 
     Any number of channel objects (and the functional API) may talk to the same peer from any
-    number of threads: they share the process's one link to it. ``slot_bytes`` is the capacity
+    number of threads: they share the process's one link to it. ``transport``: "auto" (the
+    default, or the ``PIPEPACK_TRANSPORT`` environment variable) switches the link to a
+    shared-memory ring once setup shows both ends on one host, "dist" keeps torch.distributed,
+    "shm" requires the ring (setup then waits for the peer, and raises when it cannot work).
+    CUDA payloads always travel on ``group``. ``slot_bytes`` is the capacity
     of this end's head receives (the peer learns it once at setup: a hop whose header and CPU
     payload fit is one message); ``chunk_bytes`` the size of the CPU payload messages of larger
     hops (announced in each hop); neither needs to match the peer. ``timeout`` bounds every wait
@@ -262,12 +273,15 @@ class TensorDictChannel:
                              f"{world} ranks and this is rank {me}")
         if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % 16):
             raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
-        if transport not in ("auto", "dist"):
-            raise ValueError(f"transport {transport!r} is not available in this build "
-                             "(choose 'auto' or 'dist')")
+        if transport == "cuda_ipc":
+            raise NotImplementedError("transport='cuda_ipc' (device memory shared between two "
+                                      "processes) is not built yet; 'auto' uses the same-host "
+                                      "ring for CPU payloads and the device group for CUDA ones")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.peer = peer
         self.link = get_link(self.group, self.cpu_group, peer, head_bytes=slot_bytes,
-                             timeout=timeout)
+                             timeout=timeout, transport=transport)
         self.peer_global = self.link.peer_global
         self.all_gather_group = all_gather_group
         self.all_gather_tensors = dict(all_gather_tensors or {})
@@ -276,7 +290,6 @@ class TensorDictChannel:
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.timeout = timeout
-        self.transport = "dist"
         self._tp = tp_of(all_gather_group)
 
     # ------------------------------------------------------------------ send
@@ -296,6 +309,11 @@ class TensorDictChannel:
         """Blocking send: returns once the transport has taken the bytes; raises on failure."""
         for h in self.isend(tensor_dict):
             h.wait(timeout)
+
+    @property
+    def transport(self) -> str:
+        """What carries this peer's hops now: "dist", "shm", or "pending" (before setup)."""
+        return self.link.send_mode if self.link.send_mode != "pending" else self.link.recv_mode
 
     def drain(self, timeout: float | None = None) -> None:
         """Waits for every send posted to this peer so far; raises a failure."""

@@ -24,6 +24,7 @@ link stays in step; only a bad frame or a failed transfer leaves it out of step 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import hashlib
 import os
@@ -59,9 +60,11 @@ message, 2.3 ms as 2 x 2 MiB on the development machine)."""
 MIN_HEAD_BYTES = 64 << 10
 """Every end posts head receives of at least this many bytes."""
 HELLO_BYTES = 4096
-_HELLO = struct.Struct("<4sHHIIQ32s")
+_HELLO = struct.Struct("<4sHHIIQ32sH")  # ... host id, ring name length; the name follows
 _HELLO_MAGIC = b"PPKH"
 _COPY_OUT_RATIO = 4  # a received hop never pins a head buffer more than 4x its own size
+_SHM_COPY_OUT = 256 << 10  # smaller shared-memory hops are copied out: they never hold a slot
+TRANSPORTS = ("auto", "dist", "shm")
 
 
 def host_identity() -> bytes:
@@ -105,7 +108,10 @@ class RecvOptions:
 
 class Link:
     def __init__(self, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
-                 head_bytes: int = DEFAULT_HEAD_BYTES, timeout: float | None = None) -> None:
+                 head_bytes: int = DEFAULT_HEAD_BYTES, timeout: float | None = None,
+                 transport: str = "auto") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if head_bytes < MIN_HEAD_BYTES or head_bytes % 16 or head_bytes >= 1 << 32:
             raise ValueError(f"slot_bytes (head capacity) must be a multiple of 16 in "
                              f"[{MIN_HEAD_BYTES}, 4 GiB), got {head_bytes}")
@@ -117,6 +123,13 @@ class Link:
         self.me = dist.get_rank(group)
         self.head_bytes = head_bytes
         self.timeout = timeout
+        self.transport = transport
+        # same-host transport: this end's receive ring (offered in the hello), the peer's
+        self._ring = None
+        self._send_ring = None
+        self._peer_ring_name: str | None = None
+        self.send_mode = "dist" if transport == "dist" else "pending"
+        self.recv_mode = "dist" if transport == "dist" else "pending"
         self.peer_head_bytes: int | None = None
         self.hello_error: BaseException | None = None
         self._hello_started = False
@@ -176,8 +189,11 @@ class Link:
         with self._hello_lock:
             if self._hello_started:
                 return
+            ring_name = b""
+            if self.transport != "dist":
+                ring_name = self._open_ring()
             mine = _HELLO.pack(_HELLO_MAGIC, hop.VERSION, 0, self.head_bytes, os.getpid(), 0,
-                               host_identity())
+                               host_identity(), len(ring_name)) + ring_name
             out = torch.zeros(len(mine), dtype=torch.uint8)
             out.numpy()[:] = np.frombuffer(mine, np.uint8)
             got = torch.zeros(HELLO_BYTES, dtype=torch.uint8)
@@ -195,7 +211,9 @@ class Link:
         except BaseException as e:  # noqa: BLE001 - the peer is gone; its transfers will say so
             self.hello_error = e
             return
-        magic, version, _, cap, pid, _, host = _HELLO.unpack_from(got.numpy().tobytes())
+        raw = got.numpy().tobytes()
+        magic, version, _, cap, pid, _, host, name_len = _HELLO.unpack_from(raw)
+        name = raw[_HELLO.size : _HELLO.size + name_len] if name_len <= 256 else b""
         if magic != _HELLO_MAGIC or version != hop.VERSION or not (
                 MIN_HEAD_BYTES <= cap < 1 << 32 and cap % 16 == 0):
             self.hello_error = WireError(
@@ -205,7 +223,31 @@ class Link:
             return
         self.peer_pid = pid
         self.same_host = host == host_identity()
+        if self.same_host and name and self.transport != "dist":
+            try:
+                self._peer_ring_name = name.decode("ascii")
+            except UnicodeDecodeError:
+                self._peer_ring_name = None
+        if self.transport != "dist" and not (self.same_host and self._ring is not None):
+            # the peer will never switch to this end's ring: post heads ahead from now on
+            self.recv_mode = "dist"
         self.peer_head_bytes = cap
+
+    def _open_ring(self) -> bytes:
+        from . import shm
+
+        if not shm.available():
+            if self.transport == "shm":
+                raise RuntimeError("transport='shm' needs POSIX shared memory, which is not "
+                                   "usable here")
+            self.recv_mode = "dist"
+            return b""
+        self._ring = shm.RecvRing(slots=4, slot_bytes=4 << 20, meta_bytes=0,
+                                  max_hop_bytes=self.head_limit_shm)
+        _RINGS.add(self._ring)
+        return self._ring.name.encode("ascii")
+
+    head_limit_shm = 1 << 36
 
     def wait_hello(self, timeout: float | None = None) -> None:
         """Blocks until the peer's hello arrived (for callers that need its facts)."""
@@ -228,11 +270,18 @@ class Link:
         if self._send_failed is not None:
             h = self._send_failed
             raise RuntimeError(f"an earlier {h.what} failed: {h.error}") from h.error
-        cap = self.peer_head_bytes or MIN_HEAD_BYTES
         body = enc.body
         cpu = enc.parts.get("cpu")
         cpu_n = cpu.wire_layout.nbytes if cpu is not None else 0
         inline_len = align16(FRAME_BYTES + len(body)) + cpu_n
+        if self.send_mode != "dist":
+            if self.transport == "shm":
+                self.wait_hello(self.timeout)
+            if self.peer_head_bytes is not None and self.send_mode == "pending":
+                self._decide_send_mode()
+            if self.send_mode == "shm":
+                return self._send_shm(enc, body, cpu, cpu_n, inline_len, timeout)
+        cap = self.peer_head_bytes or MIN_HEAD_BYTES
         keep: list[torch.Tensor] = []
         rest = None
         cpu_buf = None
@@ -261,21 +310,8 @@ class Link:
                 chunk = max(align16(chunk), hop.MIN_CHUNK_BYTES)
             flags = enc.flags
         keep.append(head)
-        dev_type = None
-        dev_buf = None
-        for d, p in enc.parts.items():
-            if d in ("cpu", "meta"):
-                continue
-            dev_type = d
-            src = enc.sources[d]
-            dev_buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8, device=src[0].device)
-            if dev_buf.numel():
-                pack(src, out=dev_buf, layout=p.wire_layout)
-            keep.append(dev_buf)
-        dev_n = 0 if dev_buf is None else dev_buf.numel()
-        if dev_n and self.cpu_is_device_group and dev_type != "cpu":
-            raise ValueError(f"{dev_type} tensors need a device group (NCCL) beside the gloo "
-                             "cpu_group; this channel has only a gloo group")
+        dev_buf, dev_keep, dev_type, dev_n = self._post_device_payload(enc, None)
+        keep += dev_keep
         frame = hop.Frame(flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type,
                           enc.tp_world, dev_n)
         with self._send_lock:
@@ -310,6 +346,91 @@ class Link:
         REAPER.add(handle)
         return handle
 
+    def _decide_send_mode(self) -> None:
+        """Once the peer's hello is in: switch to its shared-memory ring if it offered one on
+        this host; the switch is announced in-band by a frame with ``F_SWITCH`` on gloo."""
+        from . import shm
+
+        with self._send_lock:
+            if self.send_mode != "pending":
+                return
+            if self._peer_ring_name is None:
+                if self.transport == "shm":
+                    raise RuntimeError(f"transport='shm': {self.name} is not on this host or did "
+                                       "not offer a shared-memory ring")
+                self.send_mode = "dist"
+                return
+            try:
+                ring = shm.SendRing(self._peer_ring_name, timeout=self.timeout)
+            except Exception as e:  # noqa: BLE001 - no ring: stay on torch.distributed
+                if self.transport == "shm":
+                    raise RuntimeError(f"transport='shm': attaching {self.name}'s ring "
+                                       f"failed: {e}") from e
+                self.send_mode = "dist"
+                return
+            seq = self._send_seq
+            what = f"transport switch before send #{seq} to {self.name}"
+            head = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+            head.numpy()[:] = np.frombuffer(hop.encode_frame(
+                hop.Frame(hop.F_SWITCH, seq, FRAME_BYTES, 0, 0, 0, None, 1, 0)), np.uint8)
+            work = transport.isend(head, self.peer_global, self.cpu_group, HEAD_TAG, what)
+            REAPER.add(Handle([work], [head], what=what, timeout=self.timeout))
+            self._send_ring = ring
+            self.send_mode = "shm"
+
+    def _send_shm(self, enc: codec.Encoded, body: bytes, cpu: Any, cpu_n: int, inline_len: int,
+                  timeout: float | None) -> Handle:
+        """One hop as one slot of the peer's ring, packed straight into it."""
+        dev_buf, keep, dev_type, dev_n = self._post_device_payload(enc, None)
+        with self._send_lock:
+            seq = self._send_seq
+            what = f"send #{seq} to {self.name}"
+            r = self._send_ring.reserve(inline_len, timeout if timeout is not None else
+                                        self.timeout, what=what)
+            try:
+                slot = r.payload
+                sn = slot.numpy()
+                frame = hop.Frame(enc.flags | hop.F_INLINE, seq, inline_len, len(body), cpu_n, 0,
+                                  dev_type, enc.tp_world, dev_n)
+                sn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
+                sn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
+                if cpu_n:
+                    pack(enc.sources["cpu"], out=slot[inline_len - cpu_n :],
+                         layout=cpu.wire_layout)
+                del sn, slot
+            except BaseException:
+                self._send_ring.cancel(r)
+                raise
+            self._send_ring.publish(r)
+            works = []
+            if dev_n:
+                works = self._post_device_payload(enc, dev_buf, post=True, what=what)
+            self._send_seq += 1
+        handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+        if works:
+            self._sent.append(handle)
+            REAPER.add(handle)
+        return handle
+
+    def _post_device_payload(self, enc: codec.Encoded, packed: Any, *, post: bool = False,
+                             what: str = "") -> Any:
+        """Packs the accelerator payload (``post=False``) or posts it on the device group."""
+        if post:
+            buf = packed
+            return [transport.isend(buf, self.peer_global, self.group, 0, what)]
+        for d, p in enc.parts.items():
+            if d in ("cpu", "meta"):
+                continue
+            src = enc.sources[d]
+            buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8, device=src[0].device)
+            if buf.numel():
+                pack(src, out=buf, layout=p.wire_layout)
+            if self.cpu_is_device_group:
+                raise ValueError(f"{d} tensors need a device group (NCCL) beside the gloo "
+                                 "cpu_group; this channel has only a gloo group")
+            return buf, [buf], d, buf.numel()
+        return None, [], None, 0
+
     def _on_sent(self, h: Handle) -> None:
         if h.error is not None and self._send_failed is None:
             self._send_failed = h
@@ -333,14 +454,19 @@ class Link:
         with self._post_lock:
             self._check_recv_broken()
             seq = self._recv_posted
-            buf = self.head_pool.get(self.head_bytes)
-            what = f"head of receive #{seq} from {self.name}"
-            work = transport.irecv(buf[: self.head_bytes], self.peer_global, self.cpu_group,
-                                   HEAD_TAG, what)
             self._recv_posted += 1
-            inc = _Incoming(seq, buf, Handle([work], [], what=what, timeout=opts.timeout), opts)
+            inc = _Incoming(seq, None, None, opts)
+            if self.recv_mode == "dist":  # nothing can switch the peer away from gloo: post now
+                self._post_head(inc)
             self._queue.append(inc)
         return inc
+
+    def _post_head(self, inc: _Incoming) -> None:
+        inc.buf = self.head_pool.get(self.head_bytes)
+        what = f"head of receive #{inc.seq} from {self.name}"
+        work = transport.irecv(inc.buf[: self.head_bytes], self.peer_global, self.cpu_group,
+                               HEAD_TAG, what)
+        inc.handle = Handle([work], [], what=what, timeout=inc.opts.timeout)
 
     def post_async(self, opts: RecvOptions) -> _Incoming:
         """Posts the next head receive and has a thread read it as soon as it arrives, so the
@@ -384,10 +510,24 @@ class Link:
                     self._check_recv_broken()
                     front = self._queue[0]
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    front.handle.wait(left)
+                    arrival = None
+                    if self.recv_mode == "shm":
+                        arrival = self._ring.wait(
+                            left, what=f"receive #{front.seq} from {self.name}")
+                    else:
+                        if front.handle is None:
+                            self._post_head(front)
+                        front.handle.wait(left)
+                        if self._is_switch(front):
+                            front.handle = None
+                            front.buf = None
+                            continue
                     self._queue.popleft()
                     try:
-                        self._read(front)
+                        if arrival is not None:
+                            self._read_arrival(front, arrival)
+                        else:
+                            self._read(front)
                     except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
                         front.error = e
                         self._recv_broken = e
@@ -402,14 +542,47 @@ class Link:
             raise inc.error
         return inc.result
 
-    def _read(self, inc: _Incoming) -> None:
+    def _is_switch(self, inc: _Incoming) -> bool:
+        """A frame with F_SWITCH: the peer sends hop ``seq`` and later through this end's ring."""
+        raw = inc.buf[:FRAME_BYTES].numpy().tobytes()
+        if int.from_bytes(raw[6:8], "little") != hop.F_SWITCH:
+            return False
+        frame = hop.decode_frame(raw, capacity=self.head_bytes, limits=inc.opts.limits)
+        if frame.seq != inc.seq or self._ring is None:
+            raise WireError(f"receive #{inc.seq} from {self.name}: a transport switch at hop "
+                            f"#{frame.seq} (ring offered: {self._ring is not None})")
+        self.recv_mode = "shm"
+        return True
+
+    def _read_arrival(self, inc: _Incoming, arrival: Any) -> None:
+        """A hop in a slot of this end's ring: laid out exactly like an INLINE head."""
+        slot = arrival.payload
+        arrival.release()
+        n = slot.numel()
+        head = slot
+        raw = slot[:FRAME_BYTES].numpy().tobytes()
+        frame = hop.decode_frame(raw, capacity=max(n, FRAME_BYTES), limits=inc.opts.limits)
+        if not frame.inline or frame.head_len != n:
+            raise WireError(f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
+                            f"holds a frame of {frame.head_len}")
+        if frame.cpu_nbytes and frame.cpu_nbytes <= _SHM_COPY_OUT:
+            copy = self.recv_pool.get(n)[:n]
+            transport.copy_bytes(copy, slot)
+            head = copy
+        del slot
+        inc.buf = head
+        self._read(inc, frame=frame, copy_out=False)
+
+    def _read(self, inc: _Incoming, frame: hop.Frame | None = None,
+              copy_out: bool = True) -> None:
         seq = inc.seq
         opts = inc.opts
         head = inc.buf
         where = f"receive #{seq} from {self.name}"
         try:
-            frame = hop.decode_frame(head[:FRAME_BYTES].numpy().tobytes(),
-                                     capacity=self.head_bytes, limits=opts.limits)
+            if frame is None:
+                frame = hop.decode_frame(head[:FRAME_BYTES].numpy().tobytes(),
+                                         capacity=self.head_bytes, limits=opts.limits)
         except WireError as e:
             raise WireError(f"{where}: {e}") from None
         if frame.seq != seq:
@@ -429,7 +602,7 @@ class Link:
             if frame.inline:
                 off = frame.cpu_offset
                 cpu = head[off : off + frame.cpu_nbytes]
-                if frame.cpu_nbytes * _COPY_OUT_RATIO < self.head_bytes:
+                if copy_out and frame.cpu_nbytes * _COPY_OUT_RATIO < self.head_bytes:
                     small = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
                     transport.copy_bytes(small, cpu)
                     cpu = small
@@ -507,7 +680,8 @@ _LINKS_LOCK = threading.Lock()
 
 
 def get_link(group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
-             head_bytes: int | None = None, timeout: float | None = None) -> Link:
+             head_bytes: int | None = None, timeout: float | None = None,
+             transport: str | None = None) -> Link:
     """The one link of this process to ``peer`` (a rank of ``group``)."""
     with _LINKS_LOCK:
         per = _LINKS.get(group)
@@ -516,8 +690,12 @@ def get_link(group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, 
         link = per.get(peer)
         if link is None:
             link = per[peer] = Link(group, cpu_group, peer,
-                                    head_bytes=head_bytes or DEFAULT_HEAD_BYTES, timeout=timeout)
+                                    head_bytes=head_bytes or DEFAULT_HEAD_BYTES, timeout=timeout,
+                                    transport=transport or DEFAULT_TRANSPORT)
             return link
+    if transport is not None and transport != link.transport:
+        raise ValueError(f"the link to rank {link.peer_global} already uses transport "
+                         f"{link.transport!r}, not {transport!r}; one (group, peer) has one wire")
     if link._cpu_group() is not cpu_group:
         raise ValueError(f"the link to rank {link.peer_global} of this group already uses another "
                          "cpu_group; one (group, peer) has one wire")
@@ -531,3 +709,18 @@ def reset_links() -> None:
     """Forgets every link (call after re-creating process groups)."""
     with _LINKS_LOCK:
         _LINKS.clear()
+
+
+DEFAULT_TRANSPORT = os.environ.get("PIPEPACK_TRANSPORT", "auto")
+_RINGS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_rings() -> None:
+    for ring in list(_RINGS):
+        try:
+            ring.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+atexit.register(_close_rings)

@@ -384,13 +384,15 @@ def _declared() -> Declared:
     return Declared.from_example(_mb_dict(0, 4))
 
 
-def _inflight_body(rank: int, world: int, mode: str) -> None:
+def _inflight_body(rank: int, world: int, mode: str, tmp: str) -> None:
     declared = _declared() if mode == "declared" else None
     if rank == 0:
         ch = TensorDictChannel(1, declared=declared)
         mb = 0
-        for tokens in _MB_TOKENS:
-            time.sleep(0.5)  # the receiver posts its receives during this sleep
+        for rnd, tokens in enumerate(_MB_TOKENS):
+            # the receiver's irecv() calls returned before this rank sends anything: if they
+            # waited for the peer, this wait would never end
+            _wait_for_file(os.path.join(tmp, f"posted{rnd}"), timeout=TIMEOUT_S)
             for t in tokens:
                 ch.isend(_mb_dict(mb, t, sent_at=time.monotonic()))
                 mb += 1
@@ -398,12 +400,11 @@ def _inflight_body(rank: int, world: int, mode: str) -> None:
     ch = TensorDictChannel(0, declared=declared)
     mb0 = 0
     for rnd, tokens in enumerate(_MB_TOKENS):
-        t0 = time.monotonic()
         pending = [ch.irecv(num_tokens=t if declared else None) for t in tokens]
         posted_at = time.monotonic()
-        assert posted_at - t0 < 0.1, f"3 irecv() took {posted_at - t0:.3f} s: they must not wait"
         assert all(isinstance(p, PendingRecv) for p in pending)
         assert not any(p.is_completed() for p in pending), "completed before the peer sent"
+        _touch(os.path.join(tmp, f"posted{rnd}"), "1")
         order = range(len(tokens)) if rnd == 0 else reversed(range(len(tokens)))
         for j in order:  # round 0 waits in order, round 1 in reverse: FIFO either way
             got = pending[j].wait()
@@ -420,9 +421,9 @@ def _inflight_body(rank: int, world: int, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["header", "declared"])
-def test_channel_three_microbatches_in_flight(mode: str) -> None:
+def test_channel_three_microbatches_in_flight(mode: str, tmp_path) -> None:
     """irecv() returns before the peer sent; 3 posted receives complete in FIFO order."""
-    run_ranks(2, _inflight_body, mode, timeout_s=TIMEOUT_S)
+    run_ranks(2, _inflight_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------

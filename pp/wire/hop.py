@@ -11,7 +11,9 @@ read only from it, and checked against :class:`Limits` before a byte of it is re
     0   4    magic b"PPK2"
     4   2    version (2)
     6   2    flags: 1 INLINE (the CPU payload is in the head), 2 PICKLED (a plain value is
-             pickled), 4 SLICED (some tensor is a TP slice); other bits 0
+             pickled), 4 SLICED (some tensor is a TP slice), 8 SWITCH (alone, in a bare frame:
+             hop ``seq`` and all later ones travel through the receiver's shared-memory ring,
+             laid out exactly like an INLINE head); other bits 0
     8   8    seq: the sender's hop number on this link (0, 1, 2, ...)
     16  4    head_len: bytes of the head message
     20  4    body_len: bytes of the header body
@@ -54,15 +56,16 @@ from .dtypes import DTYPE_CODES, dtype_of_code
 from .limits import Limits, WireError
 
 __all__ = [
-    "FRAME_BYTES", "MAGIC", "VERSION", "F_INLINE", "F_PICKLED", "F_SLICED", "DEVICE_CODES",
+    "FRAME_BYTES", "MAGIC", "VERSION", "F_INLINE", "F_PICKLED", "F_SLICED", "F_SWITCH",
+    "DEVICE_CODES",
     "Frame", "encode_frame", "decode_frame", "TensorDesc", "Schema", "encode_body",
     "decode_schema", "align16",
 ]
 
 MAGIC = b"PPK2"
 VERSION = 2
-F_INLINE, F_PICKLED, F_SLICED = 1, 2, 4
-_F_ALL = F_INLINE | F_PICKLED | F_SLICED
+F_INLINE, F_PICKLED, F_SLICED, F_SWITCH = 1, 2, 4, 8
+_F_ALL = F_INLINE | F_PICKLED | F_SLICED | F_SWITCH
 _FRAME = struct.Struct("<4sHHQIIQIBBHQQQ")
 FRAME_BYTES = _FRAME.size
 assert FRAME_BYTES == 64
@@ -152,7 +155,11 @@ def decode_frame(data: bytes, *, capacity: int, limits: Limits) -> Frame:
         raise WireError(f"frame: {dev_nbytes} device payload bytes without a device type")
     if not 1 <= tp_world:
         raise WireError("frame: tp_world 0")
-    if flags & F_INLINE:
+    if flags & F_SWITCH:
+        if flags != F_SWITCH or head_len != FRAME_BYTES or body_len or cpu_nbytes or chunk \
+                or dev or dev_nbytes or tp_world != 1:
+            raise WireError("frame: a SWITCH frame carries nothing else")
+    elif flags & F_INLINE:
         if head_len != align16(FRAME_BYTES + body_len) + cpu_nbytes or chunk:
             raise WireError(f"frame: INLINE head_len {head_len} does not hold a body of "
                             f"{body_len} and a payload of {cpu_nbytes} bytes")
