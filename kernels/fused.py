@@ -247,7 +247,7 @@ def _norm_index(i, n: int, what: str) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _plan_wire(specs, fold, fp8, align) -> WireLayout:
-    for i, (dtype, shape) in enumerate(specs):
+    for i, (dtype, _) in enumerate(specs):
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"entry {i}: unsupported dtype {dtype}")
     if fold is not None:
@@ -646,10 +646,15 @@ def pack_wire(
 
     ``fp8=(i, ...)``: those [T, H] tensors (bf16 / fp16 / fp32) travel as float8_e4m3fn codes
     with one fp32 scale per row (:func:`quantize_fp8_reference`); the hidden entry of ``fold``
-    may be one of them (its folded sum is quantised). **Lossy**: relative error ~2-4% per element
-    (bench/NOTES.md). Never a default: not for anything the model does not already tolerate in
-    fp8 (logits, sampled token ids, positions, KV or anything integer), not where a pipeline must
-    reproduce a one-process run bit for bit, and only with a receiver that dequantises.
+    may be one of them (its folded sum is quantised). **Lossy**: e4m3 keeps 3 mantissa bits, so
+    an element within e4m3's normal range of its row scale is off by up to 2**-4 (6.25%) of
+    itself, and an element below 2**-6 of its row's amax by up to 2**-10 of the amax (tested);
+    on the reference model's boundary activations that is ~2.6% relative error (Frobenius) and
+    ~5% of argmax tokens changed (bench/NOTES.md). Never a default: not for anything the model does
+    not already tolerate in fp8 (logits, sampled token ids, positions, anything integer), not
+    where a pipeline must reproduce a one-process run bit for bit, not for rows whose amax is
+    set by a few outlier channels unless the small channels may lose their precision, and only
+    with a receiver that knows the entry is fp8 (the transport's header must say so).
 
     Returns ``(buffer, wire)``: ``wire.layout`` is the buffer's layout, ``wire.entries`` maps
     each tensor to its entry (see :class:`WireLayout`). Tensors that are not folded or quantised

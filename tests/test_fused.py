@@ -1,4 +1,4 @@
-"""Tests of the fused wire ops: ``unpack_add_rmsnorm``, ``pack_wire`` (fold, fp8), ``dequantize_fp8``.
+"""Tests of the fused wire ops: ``unpack_add_rmsnorm``, ``pack_wire`` (fold, fp8), dequantising.
 
 The kernels' promise is bit-exactness against the pure-torch references (``fused.py`` fixes
 the reduction order), so every kernel result is compared on its bytes. Without CUDA the kernels
@@ -648,3 +648,33 @@ def test_names_exported():
         assert getattr(K, name) is getattr(Fz, name)
         assert name in K.__all__
     assert math.isclose(Fz.FP8_MAX, 448.0)
+
+
+# ----------------------------------------------------------------------------- compiled (CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", Fz.ORDERS)
+@pytest.mark.parametrize("H", HIDDEN_SIZES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_compiled_kernel_bit_exact_on_cuda(dtype, H, order):
+    """The compiled kernels against the references run with torch on the same GPU."""
+    for T in (1, 64, 4096 if H == 4096 else 300):
+        h, r, w = (t.cuda() for t in _activations(T, H, dtype, T + H))
+        buf, layout = _hop([h, r])
+        ob, ov = (t.cuda() for t in _canary_dest(T, H, dtype, extra_rows=2))
+        out, res = Fz.unpack_add_rmsnorm(buf, layout, 0, 1, w, EPS, order=order, out=ov)
+        want_out, want_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS,
+                                                             order=order)
+        _assert_bits(res, want_res, f"T={T} residual")
+        _check_canary_dest(ob.cpu(), ov.cpu(), T, want_out.cpu())
+        fbuf, wire = Fz.pack_wire([h, r], fold=(0, 1), fp8=(0,) if order == "vllm" else ())
+        ref, _ = Fz.pack_wire_reference([h, r], fold=(0, 1),
+                                        fp8=(0,) if order == "vllm" else ())
+        for e in wire.layout.entries:
+            _assert_bits(fbuf[e.offset : e.offset + e.nbytes], ref[e.offset : e.offset + e.nbytes],
+                         f"T={T} wire entry")
+        got = Fz.unpack_add_rmsnorm(fbuf, wire.layout, 0, None, w, EPS, order=order)
+        want = Fz.unpack_add_rmsnorm_reference(fbuf, wire.layout, 0, None, w, EPS, order=order)
+        _assert_bits(got[0], want[0], f"T={T} folded out")
+        _assert_bits(got[1], want[1], f"T={T} folded residual")
