@@ -714,7 +714,7 @@ def _dead_peer_body(rank: int, world: int) -> None:
         pp.send_tensor_dict(_proxy(0, 0, 0))
         return  # and the process exits
     _check(pp.recv_tensor_dict(), [_proxy(0, 0, 0)], tp)
-    with pytest.raises(RuntimeError, match=r"receive #1 from rank 0 failed"):
+    with pytest.raises(RuntimeError, match=r"receive #1 from rank 0\b"):
         pp.recv_tensor_dict()
 
 
