@@ -751,6 +751,7 @@ def meta_record(device: torch.device, args: argparse.Namespace, impl: str) -> di
         "timer": args.timer,
         "world": args.world,
         "torch_threads": torch.get_num_threads(),
+        "procs": args.procs,
         "quick": args.quick,
         "bytes_counted": "payload bytes once (not read + write)",
     }
@@ -867,10 +868,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON path, or a directory for the default name")
     ap.add_argument(
         "--threads",
-        type=int,
         default=None,
-        help="torch intra-op threads (default on CPU: 1, as OpenMP spin-waits on a shared "
-        "2-core box make multi-thread timings noise; untouched on CUDA)",
+        help="torch intra-op threads: a number, or 'default' to leave torch's own setting "
+        "(what a user who never sets OMP_NUM_THREADS gets). Default on CPU: 1, as OpenMP "
+        "spin-waits on a shared 2-core box make multi-thread timings noise; untouched on CUDA",
+    )
+    ap.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="run this many copies of the benchmark at once (the others' output is dropped), "
+        "as two pipeline ranks share one host; the records come from this process",
     )
     ap.add_argument("--world", type=int, default=8, help="TP world size of the reassemble case")
     ap.add_argument("--payloads", default=None, help="comma-separated payload names (default all)")
@@ -901,9 +909,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("warning: TRITON_INTERPRET=1 is set: the Triton path runs in the interpreter")
 
     if args.threads is None and device.type == "cpu":
-        args.threads = 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        args.threads = "1"
+    if args.threads not in (None, "default"):
+        torch.set_num_threads(int(args.threads))
+    peers = _start_peers(argv, args.procs)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.manual_seed(0)
@@ -993,7 +1002,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     write_json(path, meta, [*results, *hosts, *failures])
     log(f"wrote {path} ({time.perf_counter() - t_start:.1f} s)")
+    for peer in peers:
+        peer.terminate()
+        peer.wait()
     return 1 if failures else 0
+
+
+def _start_peers(argv: Sequence[str] | None, procs: int) -> list[subprocess.Popen]:
+    """``procs - 1`` copies of this benchmark, started now, output dropped: the load another
+    rank puts on the same host. They loop until this process is done with its own run."""
+    if procs <= 1:
+        return []
+    argv = list(sys.argv[1:] if argv is None else argv)
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_kernels_peer_{os.getpid()}"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import runpy, sys\n"
+        "args = sys.argv[1:]\n"
+        "while True:\n"
+        "    sys.argv = list(args)\n"
+        "    try:\n"
+        "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "    except SystemExit:\n"
+        "        pass\n",
+        str(Path(__file__).resolve()),
+        *argv,
+        "--procs",
+        "1",
+        "--out",
+        str(scratch),
+    ]
+    return [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(procs - 1)
+    ]
 
 
 if __name__ == "__main__":

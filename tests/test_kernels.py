@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -547,6 +550,72 @@ def test_unpack_returns_contiguous_views_sharing_the_buffer(device):
     e = layout.entries[0]
     buf[e.offset : e.offset + e.nbytes] = _bytes(fresh)  # writing the buffer changes the view
     _assert_same_bytes(_bytes(views[0]), _bytes(fresh))
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+_THREADS_SCRIPT = r"""
+import os, sys
+import numpy as np
+import torch
+import pipepack.kernels as K
+
+torch.set_num_threads(2)
+
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+rng = np.random.default_rng(0)
+def big(shape, dtype):  # made by numpy: no torch kernel (and no thread pool) touched yet
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
+
+
+# large entries, and small ones on both sides of torch's serial limit (copy_ takes those)
+srcs = [big((512, 1024), torch.bfloat16), big((256, 512), torch.float32).t(),
+        big((1024, 600), torch.complex64)[:, :512], big((1 << 20,), torch.bool),
+        big((2, 16383), torch.int16), big((2, 16384), torch.float16).t()]
+before = threads()
+layout = K.plan_layout(srcs)
+buf = K.pack(srcs)
+outs = [torch.empty(s.shape, dtype=s.dtype) for s in srcs]
+K.unpack_into(buf, layout, outs)
+wide = [torch.empty(s.shape[0], 2 * s.shape[-1], dtype=s.dtype)[..., : s.shape[-1]]
+        if s.dim() == 2 else torch.empty(s.shape, dtype=s.dtype) for s in srcs]
+part = layout.sliced(2)
+gathered = torch.empty(2, part.nbytes, dtype=torch.uint8)
+for r in range(2):
+    K.pack([o.reshape(2, -1)[r] for o in outs], layout=part, out=gathered[r])
+full = K.reassemble(gathered, layout)
+K.reassemble_into(gathered, layout, wide)
+after_ops = threads()
+ok = all(
+    np.array_equal(K.ops._as_numpy(o), K.ops._as_numpy(s))
+    for got in (outs, full, wide) for o, s in zip(got, srcs)
+)
+torch.empty_like(srcs[0]).copy_(srcs[0])  # the control: torch's own copy uses the pool
+print(before, after_ops, threads(), ok)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc/self/task")
+def test_cpu_copies_stay_in_the_calling_thread():
+    """On CPU no op enters torch's intra-op pool (its workers fight a peer rank and gloo for a
+    small machine's cores). Seen from outside: the process gains no thread, while one plain
+    ``copy_`` of the same size does (the control, so this test can fail)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TRITON_INTERPRET")}
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after_ops, after_control, ok = out.stdout.split()
+    assert int(after_ops) == int(before), "a CPU op started torch's intra-op threads"
+    assert int(after_control) > int(before), "control: torch's copy_ started no thread here"
+    assert ok == "True", "a CPU copy was not exact"
 
 
 # ----------------------------------------------------------------------------- reassembly
