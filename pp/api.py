@@ -59,13 +59,26 @@ def isend_tensor_dict(
     handle completes once the peer received the hop, and nobody has to wait on it (a
     background reaper does; :func:`pipepack.pp.flush` waits for all of them).
     """
+    return _send(tensor_dict, dst, group=group, cpu_group=cpu_group,
+                 all_gather_group=all_gather_group, all_gather_tensors=all_gather_tensors,
+                 allow_pickle=allow_pickle, blocking=False)
+
+
+def _send(tensor_dict: Mapping[str, Any], dst: int | None, *, blocking: bool,
+          group: dist.ProcessGroup | None = None, cpu_group: dist.ProcessGroup | None = None,
+          all_gather_group: dist.ProcessGroup | None = None,
+          all_gather_tensors: Mapping[str, bool] | None = None, allow_pickle: bool = False
+          ) -> Any:
     group, cpu_group = resolve_groups(group, cpu_group)
     if dist.get_world_size(group) == 1:
-        return []
+        return tensor_dict if blocking else []
     dst = _peer(group, dst, 1, "dst")
     link = get_link(group, cpu_group, dst)
     enc = codec.encode(tensor_dict, allow_pickle=allow_pickle, limits=DEFAULT_LIMITS,
                        tp=tp_of(all_gather_group), all_gather_tensors=all_gather_tensors)
+    if blocking:
+        link.send_blocking(enc, chunk_bytes=DEFAULT_CHUNK_BYTES)
+        return None
     return [link.send(enc, chunk_bytes=DEFAULT_CHUNK_BYTES)]
 
 
@@ -104,12 +117,7 @@ def send_tensor_dict(
 
     With a group of one rank it returns ``tensor_dict`` unchanged, as vLLM does.
     """
-    group, _ = resolve_groups(kwargs.get("group"), kwargs.get("cpu_group"))
-    if dist.get_world_size(group) == 1:
-        return tensor_dict
-    for h in isend_tensor_dict(tensor_dict, dst, **kwargs):
-        h.wait()
-    return None
+    return _send(tensor_dict, dst, blocking=True, **kwargs)
 
 
 def recv_tensor_dict(src: int | None = None, **kwargs: Any) -> dict[str, Any] | None:

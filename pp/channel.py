@@ -240,8 +240,9 @@ class TensorDictChannel:
 
     Any number of channel objects (and the functional API) may talk to the same peer from any
     number of threads: they share the process's one link to it. ``transport``: "auto" (the
-    default, or the ``PIPEPACK_TRANSPORT`` environment variable) switches the link to a
-    shared-memory ring once setup shows both ends on one host, "dist" keeps torch.distributed,
+    default unless the ``PIPEPACK_TRANSPORT`` environment variable says otherwise) switches the
+    link to a shared-memory ring once setup shows both ends on one host, "dist" keeps
+    torch.distributed,
     "shm" requires the ring (setup then waits for the peer, and raises when it cannot work).
     CUDA payloads always travel on ``group``. ``slot_bytes`` is the capacity
     of this end's head receives (the peer learns it once at setup: a hop whose header and CPU
@@ -264,7 +265,7 @@ class TensorDictChannel:
         allow_pickle: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         timeout: float | None = None,
-        transport: str = "auto",
+        transport: str | None = None,
     ) -> None:
         self.group, self.cpu_group = resolve_groups(group, cpu_group)
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -277,7 +278,7 @@ class TensorDictChannel:
             raise NotImplementedError("transport='cuda_ipc' (device memory shared between two "
                                       "processes) is not built yet; 'auto' uses the same-host "
                                       "ring for CPU payloads and the device group for CUDA ones")
-        if transport not in TRANSPORTS:
+        if transport is not None and transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.peer = peer
         self.link = get_link(self.group, self.cpu_group, peer, head_bytes=slot_bytes,
@@ -307,8 +308,12 @@ class TensorDictChannel:
 
     def send(self, tensor_dict: Mapping[str, Any], timeout: float | None = None) -> None:
         """Blocking send: returns once the transport has taken the bytes; raises on failure."""
-        for h in self.isend(tensor_dict):
-            h.wait(timeout)
+        if self.declared is not None:
+            self.declared.check(tensor_dict)
+        enc = codec.encode(tensor_dict, allow_pickle=self.allow_pickle, limits=self.limits,
+                           tp=self._tp, all_gather_tensors=self.all_gather_tensors)
+        self.link.send_blocking(enc, chunk_bytes=self.chunk_bytes,
+                                timeout=self.timeout if timeout is None else timeout)
 
     @property
     def transport(self) -> str:

@@ -201,6 +201,9 @@ class Link:
             works = [transport.isend(out, self.peer_global, self.cpu_group, HELLO_TAG, what),
                      transport.irecv(got, self.peer_global, self.cpu_group, HELLO_TAG, what)]
             handle = Handle(works, [out, got], what=what)
+            # counted with the pending sends: flush() and the exit hook wait for it too, so no
+            # thread is inside a transfer when the process group is destroyed
+            REAPER.add(handle)
             threading.Thread(target=self._finish_hello, args=(handle, got),
                              name="pipepack-hello", daemon=True).start()
             self._hello_started = True
@@ -262,6 +265,14 @@ class Link:
             raise RuntimeError(f"channel setup with {self.name} failed: {self.hello_error}")
 
     # ------------------------------------------------------------------ send
+
+    def send_blocking(self, enc: codec.Encoded, *, chunk_bytes: int | None,
+                      timeout: float | None = None) -> None:
+        """Sends one hop and returns once the transport has taken it (raises if it failed)."""
+        self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout).wait(timeout)
+        # the peer received the hop, so it has posted its hello: finish the setup now rather
+        # than leave a transfer in flight for an exit or destroy_process_group() right after
+        self.wait_hello(timeout if timeout is not None else self.timeout)
 
     def send(self, enc: codec.Encoded, *, chunk_bytes: int | None,
              timeout: float | None = None) -> Handle:

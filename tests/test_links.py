@@ -1,0 +1,482 @@
+"""What the transport core promises under real use: threads, differently configured peers,
+exit, memory, timeouts, nested tensors, and transfer under compute. Every multi-process test
+runs over each transport this machine has (torch.distributed gloo, and the same-host ring)."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pipepack.pp.link as link_mod
+from pipepack.pp import (
+    Declared,
+    TensorDictChannel,
+    WireError,
+    flush,
+    isend_tensor_dict,
+    recv_tensor_dict,
+    send_tensor_dict,
+)
+from pipepack.pp import shm as shm_mod
+from pipepack.testing import check_dict, run_ranks
+
+TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parents[1]
+TRANSPORTS = ["dist"] + (["shm"] if shm_mod.available() else [])
+
+
+def _use(transport: str) -> None:
+    """Per process (ranks are fork children): links made from now on use ``transport``."""
+    link_mod.DEFAULT_TRANSPORT = transport
+
+
+def _link(peer: int):
+    return link_mod.get_link(dist.group.WORLD, dist.group.WORLD, peer)
+
+
+def _hop(tag: int, k: int, rows: int, cols: int = 4096) -> dict:
+    g = torch.Generator().manual_seed(tag * 100_003 + k)
+    return {"tag": tag, "k": k,
+            "h": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
+            "r": torch.randint(-(2**31), 2**31 - 1, (rows, cols // 2), generator=g,
+                               dtype=torch.int32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------------------------
+
+
+def _threads_body(rank: int, world: int, transport: str, rows: int) -> None:
+    _use(transport)
+    n_threads, n_hops = 3, 6
+    if rank == 0:
+        errors = []
+
+        def sender(tag: int) -> None:
+            try:
+                for k in range(n_hops):
+                    isend_tensor_dict(_hop(tag, k, rows + tag))
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        ts = [threading.Thread(target=sender, args=(t,)) for t in range(n_threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
+        flush(TIMEOUT_S)
+        return
+    seen: dict[int, int] = {t: 0 for t in range(n_threads)}
+    for _ in range(n_threads * n_hops):
+        got = recv_tensor_dict()
+        tag, k = got["tag"], got["k"]
+        assert k == seen[tag], f"thread {tag}: hop {k} arrived where {seen[tag]} was due"
+        seen[tag] += 1
+        check_dict(got, _hop(tag, k, rows + tag))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("rows", [100, 300], ids=["1.6MiB", "4.8MiB"])
+def test_threads_sending_to_one_peer_never_interleave(transport: str, rows: int) -> None:
+    """Three threads of one rank send to the same peer at once: every hop arrives whole and
+    bit-exact, and each thread's hops stay in its order."""
+    run_ranks(2, _threads_body, transport, rows, timeout_s=TIMEOUT_S)
+
+
+def _duplex_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    n = 12
+    peer = 1 - rank
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            for k in range(n):
+                isend_tensor_dict(_hop(rank, k, 3 + 7 * k, 64), dst=peer)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def receiver() -> None:
+        try:
+            for k in range(n):
+                check_dict(recv_tensor_dict(src=peer), _hop(peer, k, 3 + 7 * k, 64))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=sender), threading.Thread(target=receiver)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    flush(TIMEOUT_S)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_thread_sends_while_another_receives(transport: str) -> None:
+    """Both ranks send and receive on the same link from two threads, a new shape every hop."""
+    run_ranks(2, _duplex_body, transport, timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# peers configured differently
+# ---------------------------------------------------------------------------------------------
+
+_D = {"h": torch.zeros(4, 64, dtype=torch.bfloat16), "r": torch.zeros(4, 64),
+      "__msg_type__": "proxy"}
+
+
+def _mismatch_body(rank: int, world: int, transport: str, case: str) -> None:
+    _use(transport)
+    rows = 8192  # 3 MiB: larger than either end's head capacity on gloo
+    good = {"h": torch.randn(rows, 64).to(torch.bfloat16), "r": torch.randn(rows, 64),
+            "__msg_type__": "proxy"}
+    if rank == 0:
+        kw = dict({"slot_bytes": {"slot_bytes": 64 << 10},
+                   "chunk": {"chunk_bytes": None}}.get(case, {}))
+        if case in ("declared_both", "tokens"):
+            kw["declared"] = Declared.from_example(_D)
+        if case == "hidden":
+            kw["declared"] = Declared.from_example(
+                {"h": torch.zeros(4, 32, dtype=torch.bfloat16), "r": torch.zeros(4, 64),
+                 "__msg_type__": "proxy"})
+        ch = TensorDictChannel(1, **kw)
+        if case == "hidden":
+            bad = {"h": torch.randn(rows, 32).to(torch.bfloat16), "r": torch.randn(rows, 64),
+                   "__msg_type__": "proxy"}
+            ch.isend(bad)
+        else:
+            ch.isend(good)
+        # must arrive intact after a refused hop
+        TensorDictChannel(1).isend({"next": torch.arange(5)})
+        flush(TIMEOUT_S)
+        return
+    kw = {"slot_bytes": {"slot_bytes": 256 << 10}, "chunk": {"chunk_bytes": 1 << 20}}.get(case, {})
+    if case in ("declared_receiver_only", "declared_both", "tokens", "hidden"):
+        kw["declared"] = Declared.from_example(_D)
+    ch = TensorDictChannel(0, **kw)
+    if case == "tokens":
+        with pytest.raises(WireError, match=r"8192 tokens.*posted for 100"):
+            ch.recv(num_tokens=100)
+        ch2 = TensorDictChannel(0)
+        check_dict(ch2.recv(), {"next": torch.arange(5)})
+        return
+    if case == "hidden":
+        with pytest.raises(WireError, match=r"\(8192, 32\).*declared.*\(None, 64\)"):
+            ch.recv(num_tokens=rows)
+        check_dict(TensorDictChannel(0).recv(), {"next": torch.arange(5)})
+        return
+    check_dict(ch.recv(num_tokens=rows if ch.declared else None), good)
+    check_dict(TensorDictChannel(0).recv(), {"next": torch.arange(5)})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", ["slot_bytes", "chunk", "declared_receiver_only",
+                                  "declared_both", "tokens", "hidden"])
+def test_peers_configured_differently(transport: str, case: str) -> None:
+    """Head capacity, chunk size, a declaration on one side only, a token count or a hidden size
+    that disagrees: the hop either arrives exactly or raises on the receiver naming both values;
+    the next hop arrives intact; no process aborts."""
+    run_ranks(2, _mismatch_body, transport, case, timeout_s=TIMEOUT_S)
+
+
+def test_declared_sender_refuses_more_tokens_than_declared() -> None:
+    """max_tokens bounds what a declared sender sends, before anything is posted."""
+    decl = Declared.from_example(_D, max_tokens=16)
+    assert decl.check({"h": torch.zeros(16, 64, dtype=torch.bfloat16), "r": torch.zeros(16, 64),
+                       "__msg_type__": "proxy"}) == 16
+    with pytest.raises(ValueError, match="17 tokens exceed the declared max_tokens=16"):
+        decl.check({"h": torch.zeros(17, 64, dtype=torch.bfloat16), "r": torch.zeros(17, 64),
+                    "__msg_type__": "proxy"})
+
+
+def _pickle_alternating_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    if rank == 0:
+        for k in range(6):
+            d = {"k": k, "x": torch.arange(k + 1)}
+            if k % 2:
+                d["o"] = collections.OrderedDict(v=k)  # a dict subclass: needs pickle
+                isend_tensor_dict(d, allow_pickle=True)
+            else:
+                isend_tensor_dict(d)
+        flush(TIMEOUT_S)
+        return
+    for k in range(6):
+        got = recv_tensor_dict(allow_pickle=bool(k % 2) or k == 4)
+        assert got["k"] == k and torch.equal(got["x"], torch.arange(k + 1))
+        if k % 2:
+            assert type(got["o"]) is collections.OrderedDict and got["o"]["v"] == k
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_allow_pickle_alternating_on_one_wire(transport: str) -> None:
+    """allow_pickle differing from call to call never creates a second stream of state."""
+    run_ranks(2, _pickle_alternating_body, transport, timeout_s=TIMEOUT_S)
+
+
+def _pickle_refused_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    if rank == 0:
+        isend_tensor_dict({"o": {1, 2}, "x": torch.ones(70_000)}, allow_pickle=True)
+        isend_tensor_dict({"after": torch.arange(3)})
+        flush(TIMEOUT_S)
+        return
+    with pytest.raises(WireError, match="pickle"):
+        recv_tensor_dict()
+    check_dict(recv_tensor_dict(), {"after": torch.arange(3)})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pickled_hop_refused_then_next_intact(transport: str) -> None:
+    """A pickled hop to a receiver that did not opt in raises there; the next hop is intact."""
+    run_ranks(2, _pickle_refused_body, transport, timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# nested tensors, timeouts, small dicts after big ones
+# ---------------------------------------------------------------------------------------------
+
+
+def _nested() -> dict:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "next_token_ids": torch.arange(4, dtype=torch.int32),
+        "output_token_logprobs_val": [torch.randn(3, generator=g), torch.randn(0, generator=g),
+                                      torch.randn(5, generator=g).double()],
+        "output_top_logprobs": [None, {"ids": torch.arange(2), "p": (1.5, torch.ones(2, 2))}],
+        "flags": (True, 3, "s", b"b"),
+        "__msg_type__": "output",
+    }
+
+
+def _nested_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    if rank == 0:
+        send_tensor_dict(_nested())
+        ch = TensorDictChannel(1)
+        ch.isend(_nested())
+        ch.drain(TIMEOUT_S)
+        return
+    check_dict(recv_tensor_dict(), _nested())
+    got = TensorDictChannel(0).recv()
+    check_dict(got, _nested())
+    ptrs = {t.untyped_storage().data_ptr() for t in (got["next_token_ids"],
+                                                     *got["output_token_logprobs_val"])}
+    assert len(ptrs) == 1, "nested tensors are views of the one payload buffer"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_tensors_nested_in_plain_values_travel_without_pickle(transport: str) -> None:
+    """sglang's output dict: lists/dicts of per-request tensors, exact, no pickle."""
+    run_ranks(2, _nested_body, transport, timeout_s=TIMEOUT_S)
+
+
+def _timeout_body(rank: int, world: int, transport: str, tmp: str) -> None:
+    _use(transport)
+    flag = os.path.join(tmp, "timed_out")
+    if rank == 0:
+        while not os.path.exists(flag):
+            time.sleep(0.01)
+        send_tensor_dict({"late": torch.arange(4)})
+        return
+    ch = TensorDictChannel(0)
+    p = ch.irecv()
+    with pytest.raises(TimeoutError, match=r"receive #0 from rank 0"):
+        p.wait(timeout=0.2)
+    Path(flag).touch()
+    check_dict(p.wait(), {"late": torch.arange(4)})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_wait_timeout_names_peer_and_step_and_a_later_wait_completes(transport: str,
+                                                                     tmp_path) -> None:
+    run_ranks(2, _timeout_body, transport, str(tmp_path), timeout_s=TIMEOUT_S)
+
+
+def _small_after_big_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    big = {"h": torch.randn(2048, 4096).to(torch.bfloat16)}
+    small = {"next_token_ids": torch.arange(8, dtype=torch.int32)}
+    if rank == 0:
+        for _ in range(3):
+            send_tensor_dict(big)
+            send_tensor_dict(small)
+        return
+    for _ in range(3):
+        got_big = recv_tensor_dict()
+        got = recv_tensor_dict()
+        check_dict(got, small)
+        held = got["next_token_ids"].untyped_storage().nbytes()
+        assert held <= 64 << 10, f"a 32-byte hop pins {held} bytes"
+        del got_big
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_small_dict_after_a_prefill_does_not_pin_a_big_buffer(transport: str) -> None:
+    run_ranks(2, _small_after_big_body, transport, timeout_s=TIMEOUT_S)
+
+
+def _storage_kept_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    n = 6
+
+    def d(k):
+        return {"h": torch.full((300, 1024), float(k))}
+
+    if rank == 0:
+        if transport == "shm":
+            send_tensor_dict({"warm": 1})
+            _link(1).wait_hello(TIMEOUT_S)
+        for k in range(n):
+            send_tensor_dict(d(k))
+        return
+    if transport == "shm":  # let the sender switch to the ring first, so hop 0 lies in a slot
+        check_dict(recv_tensor_dict(), {"warm": 1})
+    h = recv_tensor_dict()["h"]
+    kept, off = h.untyped_storage(), h.storage_offset()
+    del h
+    gc.collect()
+    for _ in range(n - 1):
+        recv_tensor_dict()
+    back = torch.empty(0).set_(kept, off, (300, 1024), (1024, 1))
+    assert torch.equal(back, torch.zeros(300, 1024)), "a kept storage was overwritten"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_kept_storage_object_is_never_reused(transport: str) -> None:
+    """Keeping only ``untyped_storage()`` of a received tensor keeps its bytes."""
+    run_ranks(2, _storage_kept_body, transport, timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory over a varying token count
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_body(rank: int, world: int, transport: str, hops: int, hidden: int, out: str) -> None:
+    _use(transport)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1000, 4001, (hops,), generator=g).tolist()
+    warm = 10
+    base = None
+    for i, t in enumerate(tokens):
+        if i == warm:
+            gc.collect()
+            base = _rss()
+        if rank == 0:
+            send_tensor_dict({"h": torch.empty(t, hidden, dtype=torch.bfloat16),
+                              "r": torch.empty(t, hidden, dtype=torch.bfloat16)})
+        else:
+            got = recv_tensor_dict()
+            assert got["h"].shape == (t, hidden)
+            del got
+    gc.collect()
+    grow = _rss() - base
+    with open(os.path.join(out, f"rss{rank}"), "w") as f:
+        f.write(str(grow))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_memory_stays_bounded_over_changing_token_counts(transport: str, tmp_path) -> None:
+    """60 hops of 1000..4000 tokens x 1024 (bf16, 2 keys, 4-16 MiB): RSS after warm-up grows by
+    less than 3 of the largest hops per side (the 200-hop, 4096-hidden run is in the soak)."""
+    run_ranks(2, _memory_body, transport, 60, 1024, str(tmp_path), timeout_s=120)
+    largest = 4000 * 1024 * 2 * 2
+    for r in range(2):
+        grow = int((tmp_path / f"rss{r}").read_text())
+        assert grow < 3 * largest, f"rank {r}: RSS grew {grow / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer under compute, asserted by order (no wall clock)
+# ---------------------------------------------------------------------------------------------
+
+
+def _overlap_body(rank: int, world: int, transport: str, tmp: str) -> None:
+    _use(transport)
+    sent = os.path.join(tmp, "sent_complete")
+    if rank == 0:
+        ch = TensorDictChannel(1)
+        hs = ch.isend({"x": torch.full((4096, 4096), 3.0)})  # 64 MiB: chunked on gloo
+        for h in hs:
+            h.wait(TIMEOUT_S)
+        Path(sent).touch()  # the peer has every byte, while it is still "computing"
+        return
+    ch = TensorDictChannel(0)
+    p = ch.irecv()
+    # "compute" until the sender saw its send complete: only possible if the payload moves
+    # while this thread is not inside any pipepack call
+    deadline = time.monotonic() + TIMEOUT_S
+    while not os.path.exists(sent):
+        assert time.monotonic() < deadline, "the payload did not move during compute"
+        time.sleep(0.005)
+    got = p.wait()
+    assert torch.equal(got["x"][::1024, ::1024], torch.full((4, 4), 3.0))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_payload_moves_while_the_receiver_computes(transport: str, tmp_path) -> None:
+    run_ranks(2, _overlap_body, transport, str(tmp_path), timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# exit: nothing sent is lost (real subprocesses: they exit normally and run atexit)
+# ---------------------------------------------------------------------------------------------
+
+_EXIT_SCRIPT = textwrap.dedent("""
+    import os, sys, datetime, torch, torch.distributed as dist
+    import pipepack.pp.link as link_mod
+    from pipepack.pp import isend_tensor_dict, recv_tensor_dict, send_tensor_dict
+    rank, init, how, transport = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    link_mod.DEFAULT_TRANSPORT = transport
+    dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    d = {"x": torch.arange(300_000, dtype=torch.int64), "s": "last"}
+    if rank == 0:
+        if how == "blocking_then_destroy":
+            send_tensor_dict(d)
+            dist.destroy_process_group()
+        else:  # isend, then a normal interpreter exit: the atexit hook flushes
+            isend_tensor_dict(d)
+            isend_tensor_dict(d)
+        sys.exit(0)
+    for _ in range(1 if how == "blocking_then_destroy" else 2):
+        got = recv_tensor_dict()
+        assert got["s"] == "last" and torch.equal(got["x"], d["x"]), "wrong bytes"
+    print("RECEIVED")
+""")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("how", ["blocking_then_destroy", "isend_then_exit"])
+def test_nothing_is_lost_when_the_sender_exits_right_after(how: str, transport: str,
+                                                           tmp_path) -> None:
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    init = str(tmp_path / "init")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, how, transport],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[1].returncode == 0 and "RECEIVED" in outs[1][0], outs[1][1][-3000:]
+    assert procs[0].returncode == 0, outs[0][1][-3000:]
