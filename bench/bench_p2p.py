@@ -21,6 +21,15 @@ half the round trip. Modes, each written after what the system it names does:
                     the receiver's head capacity).
   packed_static     pipepack's TensorDictChannel with a declared layout, receive posted ahead.
   floor             one raw message of the same total bytes, size known ahead.
+  packed_shm, packed_static_shm
+                    the same two pipepack modes over the same-host transport (the peer's
+                    shared-memory ring) instead of torch.distributed.
+  sglang, vllm      the engines' own GroupCoordinator transport, written from what they send
+                    (bench/engine_baselines.py): sglang's async send + blocking receive, vLLM's
+                    blocking pair.
+  sglang_pipepack, vllm_pipepack
+                    the same engine calls on the same coordinator with pipepack's one-line
+                    adapter installed (pipepack.integrations), over torch.distributed.
 The tp2 scenario runs pp2 x tp2 on 4 ranks: each sender sends its TP slice, the receivers
 all-gather; baselines all-gather per tensor as vLLM does, pipepack once for all keys.
 """
@@ -43,9 +52,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engine_baselines  # noqa: E402 - the engines' own transports, beside this script
+
 SCENARIOS = ["decode_bs1", "decode_bs8", "decode_bs64", "decode_bs256", "prefill_4k",
              "many_small", "output", "tp2"]
-MODES = ["serial", "per_tensor_async", "batched", "packed", "packed_static", "floor"]
+MODES = ["serial", "per_tensor_async", "batched", "packed", "packed_static", "floor",
+         "packed_shm", "packed_static_shm", *engine_baselines.MODES]
+PIPEPACK_MODES = {"packed": "dist", "packed_static": "dist", "packed_shm": "shm",
+                  "packed_static_shm": "shm", "sglang_pipepack": "dist", "vllm_pipepack": "dist"}
 HIDDEN = 4096
 # torch >= 2.12 renames all_gather_into_tensor; both exist in between
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -113,9 +128,10 @@ class _Meta:
 class Ctx:
     """Groups and peers of one benchmark rank."""
 
-    def __init__(self, group, cpu_group, device, tp_group=None):
+    def __init__(self, group, cpu_group, device, tp_group=None, shm_group=None):
         self.group = group
         self.cpu_group = cpu_group
+        self.shm_group = shm_group
         self.device = device
         self.tp_group = tp_group
         self.tp_world = 1 if tp_group is None else dist.get_world_size(tp_group)
@@ -256,8 +272,11 @@ def floor_pair(ctx: Ctx, like: dict):
     return send, recv
 
 
-def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict):
+def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict, transport: str = "dist"):
     from pipepack.pp import Declared, TensorDictChannel
+
+    if transport == "shm":  # a group of its own: one (group, peer) has one link, one transport
+        ctx = Ctx(ctx.shm_group, ctx.shm_group, ctx.device, ctx.tp_group, ctx.shm_group)
 
     # the token count is dim 0 of the tensors that share the first one's dim 0 (hidden states,
     # residual, token ids); payloads of unrelated sizes are declared whole
@@ -265,7 +284,7 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict):
     dynamic = None if len(lead) == 1 else ()
     declared = Declared.from_example(like, dynamic=dynamic) if static else None
     ch = TensorDictChannel(peer, group=ctx.group, cpu_group=ctx.cpu_group,
-                           all_gather_group=ctx.tp_group, declared=declared)
+                           all_gather_group=ctx.tp_group, declared=declared, transport=transport)
     tokens = next(iter(lead)) if len(lead) == 1 else 0
 
     if not static:
@@ -301,6 +320,7 @@ class Result:
     p80_us: float
     gbps: float
     iters: int
+    transport: str = "dist"
 
 
 def _same_bytes(a: dict, b: dict) -> bool:
@@ -320,6 +340,10 @@ def _same_bytes(a: dict, b: dict) -> bool:
 
 
 def _pairs(ctx: Ctx, mode: str, peer: int, like: dict):
+    if mode in engine_baselines.MODES:  # a GroupCoordinator's calls, with/without the adapter
+        s, r, ctx.close = engine_baselines.pair(mode, group=ctx.group, cpu_group=ctx.cpu_group,
+                                                tp_group=ctx.tp_group)
+        return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src))
     if mode == "serial":
         return serial_send, serial_recv
     if mode == "per_tensor_async":
@@ -329,7 +353,8 @@ def _pairs(ctx: Ctx, mode: str, peer: int, like: dict):
     if mode == "floor":
         s, r = floor_pair(ctx, like)
         return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
-    s, r = pipepack_pair(ctx, peer, mode == "packed_static", like)
+    s, r = pipepack_pair(ctx, peer, mode.startswith("packed_static"), like,
+                         PIPEPACK_MODES[mode])
     return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
 
 
@@ -362,16 +387,19 @@ def run_mode(ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters:
             got = recv(ctx, peer, d)
             sync()
             send(ctx, d, peer)
-    if mode in ("packed", "packed_static"):
-        from pipepack.pp import REAPER
-        REAPER.drain()
+    if mode in engine_baselines.MODES:
+        ctx.close()
+    if mode in PIPEPACK_MODES:
+        from pipepack.pp import flush
+        flush()
     if not leader:
         return None
     times.sort()
     med = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
     nbytes = payload_bytes(d)
-    return Result(scenario, mode, nbytes, med, q[0], q[3], nbytes / med / 1e3, len(times))
+    return Result(scenario, mode, nbytes, med, q[0], q[3], nbytes / med / 1e3, len(times),
+                  PIPEPACK_MODES.get(mode, "dist"))
 
 
 def _expected(d: dict, mode: str) -> dict:
@@ -401,10 +429,12 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
         device = torch.device("cuda", local)
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo")
+    shm_group = dist.new_group(backend="gloo")
+    _pin_transports(group, cpu_group, shm_group, rank, world)
     results = []
     scenarios = [s for s in args.scenarios if s != "tp2"]
     if world == 2:
-        ctx = Ctx(group, cpu_group, device)
+        ctx = Ctx(group, cpu_group, device, shm_group=shm_group)
         for sc in scenarios:
             iters, warmup = _iters(sc, args.quick, backend)
             for mode in args.modes:
@@ -416,7 +446,7 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
     if world == 4 and "tp2" in args.scenarios:
         tp_groups = [dist.new_group([0, 1], backend=backend),
                      dist.new_group([2, 3], backend=backend)]
-        ctx = Ctx(group, cpu_group, device, tp_group=tp_groups[rank // 2])
+        ctx = Ctx(group, cpu_group, device, tp_group=tp_groups[rank // 2], shm_group=shm_group)
         iters, warmup = _iters("tp2", args.quick, backend)
         peer = (rank + 2) % 4
         for mode in args.modes:
@@ -429,6 +459,19 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
         with open(results_path, "w") as f:
             json.dump([asdict(r) for r in results], f)
     return results
+
+
+def _pin_transports(group, cpu_group, shm_group, rank: int, world: int) -> None:
+    """The world group's links stay on torch.distributed, the extra group's use the ring, so
+    every row measures the transport its mode names."""
+    from pipepack.pp import shm
+    from pipepack.pp.link import get_link
+
+    for peer in range(world):
+        if peer != rank:
+            get_link(group, cpu_group, peer, transport="dist")
+            if shm.available():
+                get_link(shm_group, shm_group, peer, transport="shm")
 
 
 def _spawned(rank: int, world: int, init_file: str, args, results_path: str) -> None:
