@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipepack.kernels import Entry, Layout, unpack_into
+from pipepack.kernels import Entry, Layout, unpack_add_rmsnorm, unpack_into
 
 from . import codec, transport
 from .link import (
@@ -215,6 +215,36 @@ class PendingRecv:
         for k in outs:
             v, t = outs[k], d[k]
             d[k] = v if tuple(v.shape) == tuple(t.shape) else v[: t.shape[0]]
+        return d
+
+    def wait_add_rmsnorm(self, weight: torch.Tensor, eps: float, *, order: str = "vllm",
+                         hidden: str = "hidden_states", residual: str = "residual",
+                         out: torch.Tensor | None = None,
+                         residual_out: torch.Tensor | None = None,
+                         timeout: float | None = None) -> dict:
+        """Waits, then runs the next stage's first op on the hop's own bytes.
+
+        ``residual = hidden + residual; hidden = rmsnorm(residual) * weight`` in one
+        :func:`pipepack.kernels.unpack_add_rmsnorm` launch that reads both tensors straight
+        from the receive buffer (``order`` "vllm" or "flashinfer", as that op documents). The
+        returned dict holds the normalised output under ``hidden`` and the new residual under
+        ``residual``: what the first decoder layer's input norm would have produced, so that
+        layer must skip its own. ``out`` / ``residual_out`` may be caller-owned (e.g. CUDA-graph
+        static) buffers, larger in dim 0. TP-sliced hops are reassembled first.
+        """
+        d = self.wait(timeout)
+        h, r = d.get(hidden), d.get(residual)
+        for k, t in ((hidden, h), (residual, r)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise KeyError(f"key {k!r}: wait_add_rmsnorm needs a [T, H] tensor there")
+        if h.untyped_storage().data_ptr() != r.untyped_storage().data_ptr():
+            raise ValueError(f"keys {hidden!r} and {residual!r} do not lie in one receive buffer")
+        buf = torch.empty(0, dtype=torch.uint8, device=h.device).set_(h.untyped_storage())
+        entries = tuple(Entry(t.dtype, tuple(t.shape), t.storage_offset() * t.element_size(),
+                              t.numel() * t.element_size()) for t in (h, r))
+        o, ro = unpack_add_rmsnorm(buf, Layout(entries, buf.numel()), 0, 1, weight, eps,
+                                   order=order, out=out, residual_out=residual_out)
+        d[hidden], d[residual] = o, ro
         return d
 
     def is_completed(self) -> bool:

@@ -48,6 +48,10 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     eps: float = 1e-6
+    # the first norm of every stage after the first as pipepack's fused receive op
+    # (pipepack.kernels.add_rmsnorm_reference, "vllm" order); the receiving stage may then
+    # take its input from PendingRecv.wait_add_rmsnorm and skip that norm
+    fused_boundary_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -77,12 +81,17 @@ def _ones(config: ModelConfig, n: int, device: torch.device | str) -> nn.Paramet
 
 
 class RMSNorm(nn.Module):
-    """vLLM's RMSNorm: statistics in float32; with ``residual`` it first adds it (fused form)."""
+    """vLLM's RMSNorm: statistics in float32; with ``residual`` it first adds it (fused form).
 
-    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+    ``fused``: the add + norm is pipepack's fused op instead (its fixed reduction order), the
+    one a receiving stage can run on the hop's bytes.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = weight
         self.eps = eps
+        self.fused = fused
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -93,6 +102,10 @@ class RMSNorm(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x), x
+        if self.fused:
+            from pipepack.kernels import add_rmsnorm_reference
+
+            return add_rmsnorm_reference(x, residual, self.weight, self.eps, order="vllm")
         x = x + residual
         return self._norm(x), x
 
@@ -138,16 +151,19 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block in vLLM's residual form: ``(h, residual) -> (h, residual)``."""
 
-    def __init__(self, config: ModelConfig, layer: int, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, layer: int, device: torch.device | str,
+                 fused_input_norm: bool = False) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(_ones(config, config.hidden, device), config.eps)
+        self.input_norm = RMSNorm(_ones(config, config.hidden, device), config.eps,
+                                  fused=fused_input_norm)
         self.attn = Attention(config, layer, device)
         self.post_attn_norm = RMSNorm(_ones(config, config.hidden, device), config.eps)
         self.mlp = MLP(config, layer, device)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_norm(h, residual)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, *,
+                normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if not normed:  # normed: the input norm already ran (on the receive path)
+            h, residual = self.input_norm(h, residual)
         h = self.attn(h)
         h, residual = self.post_attn_norm(h, residual)
         return self.mlp(h), residual
@@ -169,6 +185,8 @@ class PipelineStage(nn.Module):
 
     Stage 0 takes ``{"input_ids": [T] int64}``; every boundary carries ``{"hidden_states",
     "residual"}``; the last stage returns ``{"logits": [T, vocab]}``. A single stage does it all.
+    An input with ``"__normed__": True`` already went through the first layer's input norm
+    (``PendingRecv.wait_add_rmsnorm`` with ``fused_boundary_norm``).
     """
 
     def __init__(self, config: ModelConfig, stage: int, num_stages: int,
@@ -181,7 +199,10 @@ class PipelineStage(nn.Module):
         h = config.hidden
         if self.first:
             self.embed = _weight(config, 1, (config.vocab, h), 1.0, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, i + 1, device) for i in self.layer_ids)
+        fused = config.fused_boundary_norm and not self.first
+        self.layers = nn.ModuleList(DecoderLayer(config, i + 1, device,
+                                                 fused_input_norm=fused and i == self.layer_ids[0])
+                                    for i in self.layer_ids)
         if self.last:
             self.final_norm = RMSNorm(_ones(config, h, device), config.eps)
             self.lm_head = _weight(config, 2, (config.vocab, h), 1.0 / math.sqrt(h), device)
@@ -191,8 +212,11 @@ class PipelineStage(nn.Module):
             h, residual = F.embedding(inputs["input_ids"], self.embed), None
         else:
             h, residual = inputs["hidden_states"], inputs["residual"]
-        for layer in self.layers:
-            h, residual = layer(h, residual)
+        normed = bool(inputs.get("__normed__", False))
+        if normed and not (self.config.fused_boundary_norm and not self.first):
+            raise ValueError("a pre-normed input needs fused_boundary_norm on a later stage")
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, normed=normed and i == 0)
         if self.last:
             h, _ = self.final_norm(h, residual)
             return {"logits": F.linear(h, self.lm_head)}

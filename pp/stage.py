@@ -52,9 +52,13 @@ class StageDriver:
     stage can pile up in front of a slow one and keeps every receive buffer's size known in
     advance, while depth 1 already hides one transfer behind one compute.
 
-    ``num_tokens`` gives the leading size of micro-batch ``k``'s payload, which a receive on a
-    :class:`~pipepack.pp.channel.Declared` channel must know before it is posted (the serving
-    case: the scheduler already told every PP rank the batch). A sequence or ``k -> int``.
+    ``num_tokens`` gives the leading size of micro-batch ``k``'s payload (the serving case: the
+    scheduler already told every PP rank the batch); a :class:`~pipepack.pp.channel.Declared`
+    channel checks each hop against it. A sequence or ``k -> int``.
+
+    ``receive`` (optional) turns a posted receive into the stage's input, e.g.
+    ``lambda p: {**p.wait_add_rmsnorm(w, eps), "__normed__": True}`` to run the first layer's
+    fused add + norm on the hop's bytes.
 
     ``static_inputs`` (optional) are caller-owned buffers, e.g. a CUDA graph's static inputs:
     each received micro-batch is copied into them (``PendingRecv.wait_into``, one launch per
@@ -79,12 +83,12 @@ class StageDriver:
         depth: int = 1,
         num_tokens: Sequence[int] | Callable[[int], int] | None = None,
         static_inputs: Mapping[str, torch.Tensor] | None = None,
+        receive: Callable[[PendingRecv], dict[str, Any]] | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (micro-batches in flight), got {depth}")
-        if recv_channel is not None and recv_channel.declared is not None and num_tokens is None:
-            raise ValueError("a declared recv_channel needs num_tokens: a receive is posted "
-                             "before its payload arrives, so its size must be known")
+        if static_inputs is not None and receive is not None:
+            raise ValueError("pass static_inputs or receive, not both")
         if static_inputs is not None and recv_channel is None:
             raise ValueError("static_inputs are filled from received payloads; the first stage "
                              "(no recv_channel) has none")
@@ -94,6 +98,7 @@ class StageDriver:
         self.depth = depth
         self.num_tokens = num_tokens
         self.static_inputs = static_inputs
+        self.receive = receive
         self.last_times: StageTimes | None = None
 
     def _tokens(self, k: int) -> int | None:
@@ -144,7 +149,9 @@ class StageDriver:
             else:
                 t0 = time.perf_counter()
                 pending = posted.popleft()
-                if self.static_inputs is None:
+                if self.receive is not None:
+                    x = self.receive(pending)
+                elif self.static_inputs is None:
                     x = pending.wait()
                 else:
                     x = pending.wait_into(self.static_inputs)

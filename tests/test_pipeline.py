@@ -24,14 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import _dist
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _dist import run_ranks
 
-from pipepack.pp import Declared, StageDriver, TensorDictChannel
+import pipepack.testing.ranks as _dist
+from pipepack.pp import Declared, StageDriver, TensorDictChannel, shm
 from pipepack.pp.refmodel import (
     ModelConfig,
     boundary_example,
@@ -40,6 +39,7 @@ from pipepack.pp.refmodel import (
     sample_tokens,
     stage_layers,
 )
+from pipepack.testing import run_ranks
 
 TIMEOUT_S = 60.0
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -47,8 +47,9 @@ SIZES = [5, 1, 12, 3, 16, 7]  # token counts of the micro-batches: every size di
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _config(dtype: str) -> ModelConfig:
-    return ModelConfig(vocab=96, hidden=64, heads=4, layers=4, mlp_ratio=2, dtype=DTYPES[dtype])
+def _config(dtype: str, fused: bool = False) -> ModelConfig:
+    return ModelConfig(vocab=96, hidden=64, heads=4, layers=4, mlp_ratio=2, dtype=DTYPES[dtype],
+                       fused_boundary_norm=fused)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -205,11 +206,9 @@ def test_driver_first_and_last_stage_and_bad_configuration() -> None:
     with pytest.raises(ValueError, match="static_inputs"):
         StageDriver(double, static_inputs={"x": torch.zeros(4)})
 
-    class _Declared(_FakeRecv):
-        declared = Declared.from_example({"x": torch.zeros(1, 2)})
-
-    with pytest.raises(ValueError, match="num_tokens"):
-        StageDriver(double, recv_channel=_Declared([]))
+    with pytest.raises(ValueError, match="static_inputs or receive"):
+        StageDriver(double, recv_channel=_FakeRecv([]), static_inputs={"x": torch.zeros(4)},
+                    receive=lambda p: p.wait())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +261,14 @@ def _groups(stages: int, tp: int, backend: str):
 
 
 def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, depth: int,
-                   transport: str, backend: str) -> None:
+                   transport: str, backend: str, link: str = "dist") -> None:
+    import pipepack.pp.link as link_mod
+
+    link_mod.DEFAULT_TRANSPORT = link
     stage, tp_rank = divmod(rank, tp)
     device, group, cpu_group, tp_group = _groups(stages, tp, backend)
-    config = _config(dtype)
+    fused = transport == "fused"
+    config = _config(dtype, fused)
     tokens = sample_tokens(config, SIZES)
     example = boundary_example(config, device)
     declared = Declared.from_example(example) if transport in ("declared", "static") else None
@@ -281,15 +284,19 @@ def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, dept
     if transport == "static" and recv_ch is not None:  # CUDA-graph style inputs, max size
         static = {k: torch.full((max(SIZES),) + tuple(v.shape[1:]), float("nan"),
                                 dtype=v.dtype, device=device) for k, v in example.items()}
-    driver = StageDriver(build_stage(config, stage, stages, device), recv_channel=recv_ch,
-                         send_channel=send_ch, depth=depth, num_tokens=SIZES,
-                         static_inputs=static)
+    module = build_stage(config, stage, stages, device)
+    receive = None
+    if fused and recv_ch is not None:  # the first layer's add + norm on the hop's own bytes
+        norm = module.layers[0].input_norm
+
+        def receive(p):
+            return {**p.wait_add_rmsnorm(norm.weight.detach(), norm.eps), "__normed__": True}
+    driver = StageDriver(module, recv_channel=recv_ch, send_channel=send_ch, depth=depth,
+                         num_tokens=SIZES, static_inputs=static, receive=receive)
     if stage == 0:
         outs = driver.run([{"input_ids": t.to(device)} for t in tokens])
     else:
         outs = driver.run(num_microbatches=len(SIZES))
-    if recv_ch is not None and device.type == "cuda":
-        recv_ch.verify()  # the deferred fingerprint checks of declared CUDA payloads
     for ch in (recv_ch, send_ch):
         if ch is not None:
             ch.close()
@@ -325,130 +332,32 @@ def _cases() -> list:
                             n < world, reason=f"the NCCL variant needs one CUDA device per rank "
                                               f"({world}); this machine has {n}")]
                     cases.append(pytest.param(
-                        stages, tp, dtype, depth, transport, backend, marks=marks,
+                        stages, tp, dtype, depth, transport, backend, "dist", marks=marks,
                         id=f"pp{stages}-tp{tp}-{dtype}-depth{depth}-{transport}-{backend}"))
+    # every topology once through the same-host ring, and through the fused receive op
+    for stages, tp in ((2, 1), (3, 1), (4, 1), (2, 2)):
+        if shm.available():
+            cases.append(pytest.param(stages, tp, "bf16", 2, "declared", "gloo", "shm",
+                                      id=f"pp{stages}-tp{tp}-bf16-depth2-declared-shm"))
+        cases.append(pytest.param(stages, tp, "bf16", 2, "fused", "gloo", "auto",
+                                  id=f"pp{stages}-tp{tp}-bf16-depth2-fused-auto"))
     return cases
 
 
-@pytest.mark.parametrize("stages,tp,dtype,depth,transport,backend", _cases())
+@pytest.mark.parametrize("stages,tp,dtype,depth,transport,backend,link", _cases())
 def test_pipeline_logits_bit_equal_to_one_process(stages: int, tp: int, dtype: str,
                                                   depth: int, transport: str,
-                                                  backend: str) -> None:
+                                                  backend: str, link: str) -> None:
     """Micro-batches of varying token counts through the staged model, several in flight:
-    every last-stage rank's logits equal the one-process run byte for byte, in order."""
+    every last-stage rank's logits equal the one-process run byte for byte, in order. The
+    "fused" path receives with PendingRecv.wait_add_rmsnorm against a one-process run of the
+    same op."""
     world = stages * tp
-    args = (stages, tp, dtype, depth, transport, backend)
+    args = (stages, tp, dtype, depth, transport, backend, link)
     if backend == "nccl":
         _run_spawned(world, _pipeline_body, *args, timeout_s=TIMEOUT_S)
     else:
         run_ranks(world, _pipeline_body, *args, timeout_s=TIMEOUT_S)
-
-
-# ---------------------------------------------------------------------------------------------
-# overlap: the receive is posted before the peer sends and completes during compute
-# ---------------------------------------------------------------------------------------------
-
-OVERLAP_ROWS = 4096  # x is [4096, 4096] fp32 = 64 MiB: its transfer alone takes tens of ms
-SENDER_COMPUTE_S = 0.1
-RECEIVER_COMPUTE_S = 0.3
-FAST_WAIT_S = 0.02
-N_OVERLAP = 3
-
-
-def _overlap_example() -> dict[str, torch.Tensor]:
-    return {"x": torch.zeros(OVERLAP_ROWS, 4096),
-            "sent_at": torch.zeros(1, dtype=torch.float64)}
-
-
-class _Timed:
-    """A recv channel proxy that times each ``irecv`` and each ``wait``."""
-
-    def __init__(self, ch: TensorDictChannel) -> None:
-        self.ch, self.declared = ch, ch.declared
-        self.irecv_calls: list[tuple[float, float]] = []
-        self.waits: list[tuple[float, float]] = []
-
-    def irecv(self, num_tokens: int | None = None) -> Any:
-        t0 = time.monotonic()
-        pending = self.ch.irecv(num_tokens)
-        self.irecv_calls.append((t0, time.monotonic()))
-        waits = self.waits
-
-        class _Pending:
-            def wait(self) -> dict:
-                t = time.monotonic()
-                d = pending.wait()
-                waits.append((t, time.monotonic()))
-                return d
-        return _Pending()
-
-
-def _overlap_body(rank: int, world: int, mode: str, out_dir: str) -> None:
-    declared = Declared.from_example(_overlap_example(), dynamic=["x"]) \
-        if mode == "declared" else None
-    ch = TensorDictChannel(1 - rank, declared=declared, timeout=TIMEOUT_S)
-    rows = [OVERLAP_ROWS] * N_OVERLAP
-    if rank == 0:
-        def sender(x: dict) -> dict:  # "compute", then stamp the time just before the isend
-            time.sleep(SENDER_COMPUTE_S)
-            return {"x": torch.full((OVERLAP_ROWS, 4096), float(x["k"])),
-                    "sent_at": torch.tensor([time.monotonic()], dtype=torch.float64)}
-        dist.barrier()
-        StageDriver(sender, send_channel=ch, depth=1).run([{"k": k} for k in range(N_OVERLAP)])
-        # control: the same payload, with the receive posted only after the receiver's compute
-        dist.barrier()
-        ch.isend({"x": torch.zeros(OVERLAP_ROWS, 4096),
-                  "sent_at": torch.tensor([time.monotonic()], dtype=torch.float64)})
-        dist.barrier()
-        ch.close()
-        return
-    timed = _Timed(ch)
-    computes: list[tuple[float, float]] = []
-    sent_at: list[float] = []
-
-    def receiver(x: dict) -> dict:
-        t0 = time.monotonic()
-        sent_at.append(float(x["sent_at"][0]))
-        assert torch.equal(x["x"][::512, ::512], torch.full((8, 8), float(len(sent_at) - 1)))
-        time.sleep(RECEIVER_COMPUTE_S)
-        computes.append((t0, time.monotonic()))
-        return {}
-
-    dist.barrier()
-    StageDriver(receiver, recv_channel=timed, depth=1, num_tokens=rows).run(
-        num_microbatches=N_OVERLAP)
-    dist.barrier()
-    time.sleep(RECEIVER_COMPUTE_S)  # the sender's isend is posted by now; no receive is
-    t0 = time.monotonic()
-    ch.recv(OVERLAP_ROWS)
-    control = time.monotonic() - t0
-    dist.barrier()
-    ch.close()
-
-    took = [b - a for a, b in timed.irecv_calls]
-    assert max(took) < 0.1, f"irecv blocked: {took}"
-    assert timed.irecv_calls[0][1] < sent_at[0], (
-        f"irecv #0 returned {timed.irecv_calls[0][1] - sent_at[0]:+.3f} s after the peer sent")
-    # the scenario: every later payload left the sender before the receiver's compute ahead
-    # of its wait ended, and the first of them strictly during a compute
-    assert computes[0][0] < sent_at[1] < computes[0][1], "payload 1 not sent during compute 0"
-    for k in range(1, N_OVERLAP):
-        assert sent_at[k] < computes[k - 1][1], f"payload {k} sent after compute {k - 1} ended"
-    waits = [b - a for a, b in timed.waits[1:]]
-    assert max(waits) < FAST_WAIT_S, (
-        f"payloads sent during compute were not complete when waited: waits {waits} s "
-        f"(a receive posted late takes {control:.3f} s for the same payload)")
-    assert control > max(waits), f"control {control:.4f} s is no slower than {waits}"
-    with open(os.path.join(out_dir, f"overlap_{mode}.txt"), "w") as f:
-        f.write(f"waits {waits} control {control}\n")
-
-
-@pytest.mark.parametrize("mode", ["header", "declared"])
-def test_receive_overlaps_compute(mode: str, tmp_path) -> None:
-    """The stage's irecv returns at once, before the peer has sent; a 64 MiB payload sent while
-    the receiver computes is complete when the receiver waits (gloo says so only once waited,
-    so the wait is timed: < 20 ms, against the transfer time of a receive posted late)."""
-    run_ranks(2, _overlap_body, mode, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------
