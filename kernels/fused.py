@@ -14,7 +14,7 @@ x = rmsnorm(residual) * weight``. A pipeline hop carries exactly that pair, so:
 
 Numerics, the same on every path (pure torch, the interpreter, the compiled kernel):
 
-- Two orders of the fused add + RMSNorm (``order=``), as ``DESIGN.md`` spells them out.
+- Two orders of the fused add + RMSNorm (``order=``), as docs/design.md section 9 lists them.
   ``"vllm"``: the add rounds to the model dtype (that is the new residual), the variance is
   accumulated in fp32 from the rounded sum, the normalised value is rounded to the model dtype
   and then multiplied by the weight in the model dtype. ``"flashinfer"`` (sglang): the add in

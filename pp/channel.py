@@ -297,6 +297,12 @@ class TensorDictChannel:
         timeout: float | None = None,
         transport: str | None = None,
     ) -> None:
+        if transport == "cuda_ipc":
+            raise NotImplementedError("transport='cuda_ipc' (device memory shared between two "
+                                      "processes) is not built yet; 'auto' uses the same-host "
+                                      "ring for CPU payloads and the device group for CUDA ones")
+        if transport is not None and transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.group, self.cpu_group = resolve_groups(group, cpu_group)
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         if type(peer) is not int or not 0 <= peer < world or peer == me:
@@ -304,12 +310,6 @@ class TensorDictChannel:
                              f"{world} ranks and this is rank {me}")
         if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % 16):
             raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
-        if transport == "cuda_ipc":
-            raise NotImplementedError("transport='cuda_ipc' (device memory shared between two "
-                                      "processes) is not built yet; 'auto' uses the same-host "
-                                      "ring for CPU payloads and the device group for CUDA ones")
-        if transport is not None and transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.peer = peer
         self.link = get_link(self.group, self.cpu_group, peer, head_bytes=slot_bytes,
                              timeout=timeout, transport=transport)

@@ -245,8 +245,16 @@ class Link:
                                    "usable here")
             self.recv_mode = "dist"
             return b""
-        self._ring = shm.RecvRing(slots=4, slot_bytes=4 << 20, meta_bytes=0,
-                                  max_hop_bytes=self.head_limit_shm)
+        try:
+            # 4 slots of 1 MiB to start; a slot grows (once) when a hop does not fit
+            self._ring = shm.RecvRing(slots=4, slot_bytes=1 << 20, meta_bytes=0,
+                                      max_hop_bytes=self.head_limit_shm)
+        except OSError as e:  # e.g. a small /dev/shm in a container
+            if self.transport == "shm":
+                raise RuntimeError(f"transport='shm': creating the receive ring failed: {e}") \
+                    from e
+            self.recv_mode = "dist"
+            return b""
         _RINGS.add(self._ring)
         return self._ring.name.encode("ascii")
 

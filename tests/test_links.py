@@ -480,3 +480,67 @@ def test_nothing_is_lost_when_the_sender_exits_right_after(how: str, transport: 
     outs = [p.communicate(timeout=120) for p in procs]
     assert procs[1].returncode == 0 and "RECEIVED" in outs[1][0], outs[1][1][-3000:]
     assert procs[0].returncode == 0, outs[0][1][-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the same-host ring: a peer killed mid-stream
+# ---------------------------------------------------------------------------------------------
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time, datetime, torch, torch.distributed as dist
+    import pipepack.pp.link as link_mod
+    from pipepack.pp import recv_tensor_dict, send_tensor_dict
+    rank, init = int(sys.argv[1]), sys.argv[2]
+    link_mod.DEFAULT_TRANSPORT = "shm"
+    dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    peer = 1 - rank
+    for k in range(5):
+        if rank == 0:
+            send_tensor_dict({"k": k, "x": torch.full((64, 1024), float(k))})
+            recv_tensor_dict()
+        else:
+            recv_tensor_dict()
+            send_tensor_dict({"k": k})
+    link = link_mod.get_link(dist.group.WORLD, dist.group.WORLD, peer)
+    print("MODES", link.send_mode, link.recv_mode, flush=True)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        recv_tensor_dict()
+    except Exception as e:
+        print("RAISED", round(time.monotonic() - t0, 1), str(e)[:300].replace("\\n", " "))
+        os._exit(0)
+    print("NO ERROR")
+""")
+
+
+@pytest.mark.skipif("shm" not in TRANSPORTS, reason="no POSIX shared memory here")
+def test_ring_peer_killed_raises_and_leaves_nothing_in_dev_shm(tmp_path) -> None:
+    """A peer SIGKILLed mid-stream: the waiting side raises naming the peer well within the
+    group timeout, and no pipepack segment of either process is left under /dev/shm."""
+    script = tmp_path / "kill_script.py"
+    script.write_text(_KILL_SCRIPT)
+    init = str(tmp_path / "init")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert "MODES shm shm" in outs[0][0], outs[0]
+    assert procs[1].returncode == -9
+    assert "RAISED" in outs[0][0], outs[0]
+    line = next(x for x in outs[0][0].splitlines() if x.startswith("RAISED"))
+    assert float(line.split()[1]) < 30, line
+    assert "receive #5 from rank 1" in line, line
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("pipepack-")
+            and any(f"-{p.pid}-" in n for p in procs)]
+    assert not left, left
+
+
+def test_unbuilt_or_unknown_transport_is_refused_clearly() -> None:
+    with pytest.raises(NotImplementedError, match="cuda_ipc"):
+        TensorDictChannel(1, transport="cuda_ipc")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        TensorDictChannel(1, transport="tcp")

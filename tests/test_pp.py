@@ -1,6 +1,6 @@
 """Multi-process tests of the PP transport (pipepack.pp) over gloo, on fork-started ranks.
 
-Each test names the behaviour it protects (DESIGN.md, "Semantics that must hold"). Tensors are
+Each test names the behaviour it protects (docs/design.md). Tensors are
 compared bit-exactly as bytes, plain values by exact type and (for floats) exact bits. The
 receiver rebuilds every expected dict from the same deterministic builder the sender used, so a
 sender that overwrites its sources after ``isend`` cannot hide a missing copy.
