@@ -44,6 +44,11 @@ from typing import Any
 
 import torch
 
+if "--stub-launch" in sys.argv:
+    # the kernel path on CPU tensors needs the interpreter switched on before pipepack's kernels
+    # are defined; the launch itself is then replaced by a no-op (see stub_launches)
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from pipepack.kernels import (
     Layout,
     pack,
@@ -589,6 +594,7 @@ class HostResult:
     device_us: float | None
     calls: int
     record: str = field(default="host")
+    host_min_us: float | None = None  # the fastest of several rounds (--stub-launch)
 
 
 @dataclass(frozen=True)
@@ -874,6 +880,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "spin-waits on a shared 2-core box make multi-thread timings noise; untouched on CUDA",
     )
     ap.add_argument(
+        "--stub-launch",
+        action="store_true",
+        help="host cost only, on CPU: pipepack's kernel path (impl='triton') with the kernel "
+        "launch replaced by a no-op, so the records are the Python an op costs before the "
+        "launcher (checks, plan lookup, arguments); outputs are not checked (nothing is copied)",
+    )
+    ap.add_argument(
         "--procs",
         type=int,
         default=1,
@@ -939,6 +952,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         host_calls = 2000 if device.type == "cuda" and not args.quick else 100
 
+    if args.stub_launch:
+        if device.type != "cpu":
+            log("--stub-launch measures the host path on CPU tensors; drop --device cuda")
+            return 2
+        impl = "triton (launch stubbed)"
     payload_list = payloads(quick=args.quick, world=args.world)
     if args.payloads:
         wanted = args.payloads.split(",")
@@ -960,6 +978,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"triton {meta['triton']}, cuda {meta['cuda']}, pipepack impl {impl}, "
         f"timer {args.timer}"
     )
+    if args.stub_launch:
+        meta["stub_launch"] = True
+        return run_stubbed(payload_list, device, args, ops, path, meta)
     results: list[Result] = []
     failures: list[Failure] = []
     hosts: list[HostResult] = []
@@ -1005,6 +1026,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     for peer in peers:
         peer.terminate()
         peer.wait()
+    return 1 if failures else 0
+
+
+STUB_PAYLOADS = ("hidden_bs1", "mixed16")
+STUB_ROUNDS = 9
+
+
+def stub_launches() -> int:
+    """Replaces the copy kernel's launch with a no-op; returns how many launches it saw."""
+    from pipepack.kernels import _copy
+
+    seen = [0]
+
+    class _Stub:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen[0] += 1
+
+            return launch
+
+    _copy._copy_segments_kernel = _Stub()
+    return seen
+
+
+def run_stubbed(
+    payload_list: Sequence[Payload],
+    device: torch.device,
+    args: argparse.Namespace,
+    ops: Sequence[str],
+    path: Path,
+    meta: dict[str, Any],
+) -> int:
+    """Host µs per call of pipepack's kernel path with the launch stubbed (see --stub-launch).
+
+    Every call is one real plan lookup (or build) and one stubbed launch; a call that does not
+    reach the launch is reported, since it would time something else."""
+    global pack, unpack_into, reassemble, reassemble_into
+    pack = partial(pack, impl="triton")
+    unpack_into = partial(unpack_into, impl="triton")
+    reassemble = partial(reassemble, impl="triton")
+    reassemble_into = partial(reassemble_into, impl="triton")
+    seen = stub_launches()
+    wanted = [p for p in payload_list if args.payloads or p.name in STUB_PAYLOADS]
+    calls = 200 if args.quick else 2000
+    hosts: list[HostResult] = []
+    failures: list[Failure] = []
+    print("| op | payload | method | host µs/call (median of rounds) | fastest round |\n"
+          "|---|---|---|--:|--:|")
+    for payload in wanted:
+        prepared = prepare(payload, device, args.world)
+        for op in ops:
+            for case in CASE_BUILDERS[op](prepared):
+                if not case.method.startswith(PIPEPACK):
+                    continue
+                before = seen[0]
+                case.run()
+                if seen[0] != before + 1:
+                    failures.append(Failure(op, payload.name, case.method, "no launch reached"))
+                    continue
+                # rounds: on a shared box one round can land on a busy core
+                rounds = sorted(
+                    host_cost(case.run, clock=None, calls=calls // STUB_ROUNDS)[0]
+                    for _ in range(STUB_ROUNDS)
+                )
+                host_us = statistics.median(rounds)
+                hosts.append(
+                    HostResult(op, payload.name, case.method, payload.nbytes, host_us, None,
+                               None, calls, host_min_us=rounds[0])
+                )
+                print(f"| {op} | {payload.name} | {case.method} | {_fmt(host_us, 2)} "
+                      f"| {_fmt(rounds[0], 2)} |", flush=True)
+    write_json(path, meta, [*hosts, *failures])
+    log(f"wrote {path}")
     return 1 if failures else 0
 
 

@@ -6,18 +6,28 @@ offset) to an address through up to four (size, stride) dims, outermost first. T
 writes all segments into one int64 table on the device and launches a 1-D grid over the real
 blocks; the first ``grid`` entries of the table map each program to ``(segment, block)``.
 
-Two copy modes:
+Three copy modes:
 - ``_VEC``: both sides contiguous and 16-byte aligned, length a multiple of 16 bytes: int32
   words with 16-byte alignment hints, so full blocks compile to ``ld/st.global.v4``.
 - ``_STRIDED``: anything else, one word of 1/2/4/8 bytes per element, addresses from the dims.
+- ``_TILED``: a (batched) transpose, one side contiguous along rows and the other along
+  columns: a program loads a tile along the source's order and stores it along the
+  destination's (the compiler moves it through shared memory), so both sides move 16-byte
+  vectors; full tiles unmasked, partial ones masked.
+
+Addresses in a row are offsets from one of the launch's *slots*: slot 0 is absolute, slot 1 is
+``base_addr``, slots 2.. are ``p0``, ``p1``, ... Every slot base is 16-byte aligned, so word
+and vector choices made on an offset hold for the address; what changes per call (the packed
+buffer, the tensors' data pointers) goes as kernel arguments and the table is reused.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -25,10 +35,17 @@ import triton.language as tl
 
 _VEC = 0
 _STRIDED = 1
+_TILED = 2
 _NDIM = 4
-# Row: mode, word_log2, n_words, src_ptr, dst_ptr, src_start, dst_start,
-#      src sizes[4], src strides[4], dst sizes[4], dst strides[4], relative flags.
+# Row: mode, word_log2, n_words, src_off, dst_off, src_start, dst_start,
+#      src sizes[4], src strides[4], dst sizes[4], dst strides[4], slots (src | dst << 8).
+# A tiled row reuses fields 5..13: R, C, B, SR, SB, DC, DB, tiles along C, tiles per batch.
 _ROW = 24
+# Pointer arguments the kernel takes (slots 2 .. 2 + N_PTR - 1); later tensors go absolute.
+N_PTR = 16
+SLOT_ABS = 0
+SLOT_BASE = 1
+SLOT_P0 = 2
 # Block sizes and warps: read once at import; the environment overrides exist for tuning
 # sweeps (bench/gpu_check.sh), the defaults are what the tests and benchmarks use.
 # Chosen by the sweep on an H200 (bench/NOTES.md): 32 KiB per contiguous program reaches
@@ -36,8 +53,18 @@ _ROW = 24
 # 18% on a transposed source, and 2048+ spill registers (20x slower).
 VEC_BLOCK = int(os.environ.get("PIPEPACK_VEC_BLOCK", 8192))  # int32 words per program: 32 KiB
 STRIDED_BLOCK = int(os.environ.get("PIPEPACK_STRIDED_BLOCK", 512))  # words per program
+TILE = int(os.environ.get("PIPEPACK_TILE", 64))  # tile side for 1/2/4-byte words (8: half)
 NUM_WARPS = int(os.environ.get("PIPEPACK_NUM_WARPS", 4))
 _INT32_MAX = 2**31 - 1
+
+# compile-time constants of the kernel (globals, so the kernel's arguments are all integers
+# and a compiled kernel can be launched directly, with the same argument list on every
+# Triton version)
+_C_ROW = tl.constexpr(_ROW)
+_C_VEC_BLOCK = tl.constexpr(VEC_BLOCK)
+_C_STRIDED_BLOCK = tl.constexpr(STRIDED_BLOCK)
+_C_TILE = tl.constexpr(TILE)
+_C_TILE8 = tl.constexpr(max(TILE // 2, 16))
 
 
 @triton.jit
@@ -95,44 +122,121 @@ def _copy_strided(
 
 
 @triton.jit
-def _copy_segments_kernel(
-    table_ptr,  # int64: [grid] (segment << 32 | block) codes, then [segments, ROW] rows
-    base_addr,  # int64 address that rows flagged relative add to their pointers
-    ROW: tl.constexpr,
-    VEC_BLOCK: tl.constexpr,
-    STRIDED_BLOCK: tl.constexpr,
+def _copy_tiled(
+    row_ptr,
+    blk,
+    src_addr,
+    dst_addr,
+    WORD: tl.constexpr,
+    VEC: tl.constexpr,  # words per 16 bytes: every stride and base is a multiple of it
+    TR: tl.constexpr,
+    TC: tl.constexpr,
 ):
+    # dst[b, c, r] = src[b, r, c]: src rows (stride SR) are contiguous along c, dst columns
+    # (stride DC) contiguous along r
+    R = tl.load(row_ptr + 5)
+    C = tl.load(row_ptr + 6)
+    SR = tl.multiple_of(tl.load(row_ptr + 8), VEC)
+    SB = tl.multiple_of(tl.load(row_ptr + 9), VEC)
+    DC = tl.multiple_of(tl.load(row_ptr + 10), VEC)
+    DB = tl.multiple_of(tl.load(row_ptr + 11), VEC)
+    tiles_c = tl.load(row_ptr + 12)
+    tiles_b = tl.load(row_ptr + 13)
+    b = blk // tiles_b
+    rest = blk - b * tiles_b
+    tr = rest // tiles_c
+    tc = rest - tr * tiles_c
+    rows = tr * TR + tl.arange(0, TR)
+    cols = tc * TC + tl.arange(0, TC)
+    src = tl.multiple_of(src_addr.to(tl.pointer_type(WORD)), 16) + b * SB
+    dst = tl.multiple_of(dst_addr.to(tl.pointer_type(WORD)), 16) + b * DB
+    src_offs = rows[:, None] * SR + cols[None, :]
+    dst_offs = cols[None, :] * DC + rows[:, None]
+    full = ((tr + 1) * TR <= R) & ((tc + 1) * TC <= C)
+    if full:
+        tl.store(dst + dst_offs, tl.load(src + src_offs))
+    else:
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        tl.store(dst + dst_offs, tl.load(src + src_offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _slot_addr(slot, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14,
+               p15):
+    a = tl.where(slot == 1, base_addr, 0)
+    a = tl.where(slot == 2, p0, a)
+    a = tl.where(slot == 3, p1, a)
+    a = tl.where(slot == 4, p2, a)
+    a = tl.where(slot == 5, p3, a)
+    a = tl.where(slot == 6, p4, a)
+    a = tl.where(slot == 7, p5, a)
+    a = tl.where(slot == 8, p6, a)
+    a = tl.where(slot == 9, p7, a)
+    a = tl.where(slot == 10, p8, a)
+    a = tl.where(slot == 11, p9, a)
+    a = tl.where(slot == 12, p10, a)
+    a = tl.where(slot == 13, p11, a)
+    a = tl.where(slot == 14, p12, a)
+    a = tl.where(slot == 15, p13, a)
+    a = tl.where(slot == 16, p14, a)
+    a = tl.where(slot == 17, p15, a)
+    return a
+
+
+_ARG_NAMES = ["table_addr", "base_addr"] + [f"p{i}" for i in range(N_PTR)]
+
+
+@triton.jit(do_not_specialize=_ARG_NAMES)
+def _copy_segments_kernel(
+    table_addr,  # int64 address of [grid] (segment << 32 | block) codes, then [segments, ROW]
+    base_addr,  # slot 1: the packed buffer of pack / unpack_into
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,  # slots 2..17
+):
+    table_ptr = tl.multiple_of(table_addr.to(tl.pointer_type(tl.int64)), 16)
     pid = tl.program_id(0).to(tl.int64)
     code = tl.load(table_ptr + pid)
     seg = code >> 32
     blk = code & 0xFFFFFFFF
-    row_ptr = table_ptr + tl.num_programs(0).to(tl.int64) + seg * ROW
+    row_ptr = table_ptr + tl.num_programs(0).to(tl.int64) + seg * _C_ROW
 
     mode = tl.load(row_ptr)
     n = tl.load(row_ptr + 2)
-    rel = tl.load(row_ptr + 23)  # bit 0: src relative to base_addr, bit 1: dst relative
-    src_addr = tl.load(row_ptr + 3) + (rel & 1) * base_addr
-    dst_addr = tl.load(row_ptr + 4) + ((rel >> 1) & 1) * base_addr
+    slots = tl.load(row_ptr + 23)
+    src_addr = tl.load(row_ptr + 3) + _slot_addr(
+        slots & 0xFF, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14,
+        p15)
+    dst_addr = tl.load(row_ptr + 4) + _slot_addr(
+        (slots >> 8) & 0xFF, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12,
+        p13, p14, p15)
+    word_log2 = tl.load(row_ptr + 1)
     if mode == 0:
         src = tl.multiple_of(src_addr.to(tl.pointer_type(tl.int32)), 16)
         dst = tl.multiple_of(dst_addr.to(tl.pointer_type(tl.int32)), 16)
         n = tl.multiple_of(n, 4)
-        offs = blk * VEC_BLOCK + tl.arange(0, VEC_BLOCK)
-        if (blk + 1) * VEC_BLOCK <= n:
+        offs = blk * _C_VEC_BLOCK + tl.arange(0, _C_VEC_BLOCK)
+        if (blk + 1) * _C_VEC_BLOCK <= n:
             tl.store(dst + offs, tl.load(src + offs))
         else:
             mask = offs < n
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-    else:
-        word_log2 = tl.load(row_ptr + 1)
+    elif mode == 1:
         if word_log2 == 0:
-            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int8, STRIDED_BLOCK)
+            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int8, _C_STRIDED_BLOCK)
         elif word_log2 == 1:
-            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int16, STRIDED_BLOCK)
+            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int16, _C_STRIDED_BLOCK)
         elif word_log2 == 2:
-            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int32, STRIDED_BLOCK)
+            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int32, _C_STRIDED_BLOCK)
         else:
-            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int64, STRIDED_BLOCK)
+            _copy_strided(row_ptr, blk, n, src_addr, dst_addr, tl.int64, _C_STRIDED_BLOCK)
+    else:
+        if word_log2 == 0:
+            _copy_tiled(row_ptr, blk, src_addr, dst_addr, tl.int8, 16, _C_TILE, _C_TILE)
+        elif word_log2 == 1:
+            _copy_tiled(row_ptr, blk, src_addr, dst_addr, tl.int16, 8, _C_TILE, _C_TILE)
+        elif word_log2 == 2:
+            _copy_tiled(row_ptr, blk, src_addr, dst_addr, tl.int32, 4, _C_TILE, _C_TILE)
+        else:
+            _copy_tiled(row_ptr, blk, src_addr, dst_addr, tl.int64, 2, _C_TILE8, _C_TILE8)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -142,28 +246,37 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass(frozen=True)
 class View:
-    """One side of a copy: logical element ``i`` lives at ``ptr + offset(i + start) * elem_size``.
+    """One side of a copy: logical element ``i`` lives at
+    ``slot base + ptr + offset(i + start) * elem_size``.
 
-    ``sizes``/``strides`` are in elements, outermost first, like ``Tensor.stride()``.
+    ``sizes``/``strides`` are in elements, outermost first, like ``Tensor.stride()``. ``slot``
+    says which launch argument ``ptr`` is relative to (``SLOT_ABS``: none, ``ptr`` is the
+    address); every slot base is 16-byte aligned, so alignment choices made on ``ptr`` hold
+    for the address.
     """
 
     ptr: int
     sizes: tuple[int, ...]
     strides: tuple[int, ...]
     start: int = 0
-    # ``ptr`` is an offset from the launch's base address (a buffer that may move between
-    # calls, so the table can be reused); the base is 16-byte aligned, so alignment choices
-    # made on the offset hold for the address
-    relative: bool = False
+    slot: int = SLOT_ABS
 
     @staticmethod
-    def of(t: torch.Tensor) -> View:
-        return View(t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+    def of(t: torch.Tensor, slot: int = SLOT_ABS) -> View:
+        """``t``'s view; relative to a slot, its pointer is the address's offset from the
+        16-byte aligned base the launch passes (``aligned_base``)."""
+        ptr = t.data_ptr()
+        return View(ptr & 15 if slot else ptr, tuple(t.shape), tuple(t.stride()), 0, slot)
 
     @staticmethod
-    def flat(ptr: int, start: int = 0, *, relative: bool = False) -> View:
+    def flat(ptr: int, start: int = 0, *, slot: int = SLOT_ABS) -> View:
         """A contiguous run of elements starting at ``ptr``."""
-        return View(ptr, (1 << 62,), (1,), start, relative)
+        return View(ptr, (1 << 62,), (1,), start, slot)
+
+
+def aligned_base(ptr: int) -> int:
+    """The slot base a launch passes for a tensor at ``ptr`` (see ``View.of``)."""
+    return ptr & ~15
 
 
 def _byte_dims(v: View, esize: int) -> tuple[list[int], list[int]]:
@@ -214,9 +327,10 @@ def segment_rows(src: View, dst: View, n: int, esize: int) -> list[list[int]] | 
     if n == 0:
         return []
     rows = _segment_rows(src, dst, n, esize)
-    if rows is not None and (src.relative or dst.relative):
+    if rows is not None:
+        slots = src.slot | dst.slot << 8
         for r in rows:
-            r[23] = int(src.relative) | int(dst.relative) << 1
+            r[23] = slots
     return rows
 
 
@@ -312,40 +426,225 @@ def _row(
     ]
 
 
+def _tile_sides(word_bytes: int) -> tuple[int, int]:
+    side = TILE if word_bytes < 8 else max(TILE // 2, 16)
+    return side, side
+
+
+def tile_row(
+    src: View,
+    dst: View,
+    shape: Sequence[int],
+    src_strides: Sequence[int],
+    dst_strides: Sequence[int],
+    esize: int,
+) -> list[int] | None:
+    """One tiled row copying a whole tensor of ``shape`` from ``src`` laid out with
+    ``src_strides`` to ``dst`` laid out with ``dst_strides`` (elements), or None when the tiled
+    path does not apply.
+
+    It applies to a (batched) transpose: after merging what both sides can merge, at most
+    three dims remain, and of the last two one side is contiguous along one and the other
+    side along the other. Every base address, row stride and batch stride must be a multiple
+    of 16 bytes (the tiles move 16-byte vectors), and the tensor must span at least one tile
+    in both tiled dims (smaller transposes are the strided path's).
+    """
+    if esize not in (1, 2, 4, 8) or src.start or dst.start:
+        return None
+    dims = [
+        (z, s, d) for z, s, d in zip(shape, src_strides, dst_strides) if z != 1
+    ]
+    merged: list[list[int]] = []
+    for z, s, d in dims:
+        if merged and merged[-1][1] == z * s and merged[-1][2] == z * d:
+            merged[-1][0] *= z
+            merged[-1][1], merged[-1][2] = s, d
+        else:
+            merged.append([z, s, d])
+    if len(merged) not in (2, 3):
+        return None
+    batch = merged[0] if len(merged) == 3 else [1, 0, 0]
+    (z0, s0, d0), (z1, s1, d1) = merged[-2], merged[-1]
+    if s1 == 1 and d0 == 1:  # source rows along dim -2, destination columns along it
+        r, c, sr, dc = z0, z1, s0, d1
+    elif s0 == 1 and d1 == 1:  # the other orientation: swap the roles of the two dims
+        r, c, sr, dc = z1, z0, s1, d0
+    else:
+        return None
+    b, sb, db = batch
+    tr, tc = _tile_sides(esize)
+    if r < tr or c < tc:
+        return None
+    vec = 16 // esize
+    if (src.ptr | dst.ptr) % 16 or sr % vec or dc % vec or sb % vec or db % vec:
+        return None
+    tiles_c = -(-c // tc)
+    tiles_b = -(-r // tr) * tiles_c
+    blocks = b * tiles_b
+    if blocks > _INT32_MAX or max(r * sr, c * dc) + max(sb, db) * b > 1 << 62:
+        return None
+    row = [0] * _ROW
+    row[0:5] = [_TILED, esize.bit_length() - 1, blocks, src.ptr, dst.ptr]
+    row[5:14] = [r, c, b, sr, sb, dc, db, tiles_c, tiles_b]
+    row[23] = src.slot | dst.slot << 8
+    return row
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _blocks(row: list[int]) -> int:
+    if row[0] == _TILED:
+        return row[2]
     block = VEC_BLOCK if row[0] == _VEC else STRIDED_BLOCK
     return -(-row[2] // block)
 
 
-@dataclass
+# ----------------------------------------------------------------------------- launching
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a Triton launch hook (a profiler such as proton) wants to see every launch."""
+    knobs = getattr(triton, "knobs", None)
+    runtime = getattr(knobs, "runtime", None)
+    if runtime is not None:
+        return bool(
+            getattr(runtime, "launch_enter_hook", None) or getattr(runtime, "launch_exit_hook", None)
+        )
+    ck = getattr(getattr(triton, "compiler", None), "CompiledKernel", None)
+    return bool(getattr(ck, "launch_enter_hook", None) or getattr(ck, "launch_exit_hook", None))
+
+
+class _Direct:
+    """The compiled kernel of one device, launched without Triton's JIT dispatch.
+
+    The JIT's first launch on a device compiles (or loads) the kernel and returns it; after
+    that every launch calls its launcher with the same arguments the JIT would pass (all the
+    kernel's arguments are integers, none constexpr, no specialisation), skipping the binder,
+    the cache key and the knobs.
+    """
+
+    def __init__(self, compiled) -> None:
+        self.run = compiled.run
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+
+    def __call__(self, grid: int, stream: int, args: Sequence[int]) -> None:
+        self.run(grid, 1, 1, stream, self.function, self.metadata, None, None, None, *args)
+
+
+_DIRECT: dict[int, _Direct] = {}
+_DIRECT_LOCK = threading.Lock()
+
+
+def _jit_launch(grid: int, args: Sequence[int]):
+    return _copy_segments_kernel[(grid,)](*args, num_warps=NUM_WARPS)
+
+
+# The Triton interpreter swaps triton.language's functions while it runs a kernel: two
+# interpreted launches at once (two threads) corrupt each other, so they take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch(grid: int, args: Sequence[int], device: torch.device) -> None:
+    """One launch of the copy kernel on ``device``'s current stream (the JIT on CPU)."""
+    if device.type != "cuda":
+        with _INTERPRETER_LOCK:
+            _jit_launch(grid, args)
+        return
+    index = device.index if device.index is not None else torch._C._cuda_getDevice()
+    if torch._C._cuda_getDevice() != index:
+        with torch.cuda.device(index):
+            launch(grid, args, torch.device("cuda", index))
+        return
+    direct = _DIRECT.get(index)
+    if direct is None:
+        compiled = _jit_launch(grid, args)
+        if compiled is not None and not _launch_hooks_set():
+            with _DIRECT_LOCK:
+                _DIRECT.setdefault(index, _Direct(compiled))
+        return
+    direct(grid, torch._C._cuda_getCurrentRawStream(index), args)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass(eq=False)
 class Plan:
-    """A segment table ready to launch: build once, launch many times (static buffers)."""
+    """A segment table ready to launch: build once, launch many times.
+
+    ``args`` of a launch are the slot bases (``base_addr``, then ``p0``..): what changes per
+    call. On CUDA the table must outlive every launch that reads it, on any stream: a plan
+    remembers the streams it was launched on, and when the cache drops it, it is retired with
+    an event on each and freed once they completed. A plan launched while a CUDA graph was
+    being captured is read by every replay, so it is never freed.
+    """
 
     table: torch.Tensor | None
     grid: int
+    device: torch.device
     # Rare fallbacks for views of more than four non-mergeable dims: sources gathered with
     # torch first (kept alive here until the launch), destinations staged and copied after.
     keep: tuple[torch.Tensor, ...] = ()
     after: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    host: torch.Tensor | None = None  # the pinned staging copy of the table
+    meta: object = None  # what the op needs on a hit (the layout of pack without one)
+    streams: set = field(default_factory=set)
+    captured: bool = False
+    table_addr: int = 0
+    ready: object = None  # CUDA event after the table's upload
+    ready_stream: int = 0  # the stream the upload was enqueued on
 
-    def launch(self, base_addr: int = 0) -> None:
+    def launch(self, slots: Sequence[int] = ()) -> None:
+        """Launches with ``slots`` = (base_addr, p0, p1, ...) (missing ones are 0)."""
         if self.grid:
-            _copy_segments_kernel[(self.grid,)](
-                self.table,
-                base_addr,
-                ROW=_ROW,
-                VEC_BLOCK=VEC_BLOCK,
-                STRIDED_BLOCK=STRIDED_BLOCK,
-                num_warps=NUM_WARPS,
-            )
+            args = [self.table_addr, *slots]
+            args += [0] * (len(_ARG_NAMES) - len(args))
+            if self.device.type == "cuda":
+                stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+                if stream not in self.streams:
+                    self._first_launch_on(stream)
+                if torch._C._cuda_isCurrentStreamCapturing():
+                    self.captured = True
+            launch(self.grid, args, self.device)
         for dst, staged in self.after:
             dst.copy_(staged)
 
+    def _first_launch_on(self, stream: int) -> None:
+        """A stream this plan was not launched on yet waits for the table's upload (enqueued
+        on the stream that built it)."""
+        if self.ready is not None and stream != self.ready_stream:
+            torch.cuda.ExternalStream(stream, device=self.device).wait_event(self.ready)
+        self.streams.add(stream)
 
-def build_plan(rows: Sequence[list[int]], device: torch.device, *, keep=(), after=()) -> Plan:
-    """Writes the block map and the rows into one int64 table on ``device`` (one H2D copy)."""
+    def retire(self) -> list:
+        """Events after every launch of this plan so far (an empty list: nothing pending)."""
+        if self.table is None or self.device.type != "cuda" or not self.streams:
+            return []
+        events = []
+        for raw in self.streams:
+            stream = torch.cuda.ExternalStream(raw, device=self.device)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events.append(ev)
+        return events
+
+
+def build_plan(
+    rows: Sequence[list[int]], device: torch.device, *, keep=(), after=(), meta=None
+) -> Plan:
+    """Writes the block map and the rows into one int64 table on ``device``: built in pinned
+    host memory when CUDA is present, one asynchronous copy to the device."""
     if not rows:
-        return Plan(None, 0, tuple(keep), tuple(after))
+        return Plan(None, 0, device, tuple(keep), tuple(after), meta=meta)
     codes: list[int] = []
     for seg, row in enumerate(rows):
         nb = _blocks(row)
@@ -355,33 +654,83 @@ def build_plan(rows: Sequence[list[int]], device: torch.device, *, keep=(), afte
     flat = codes
     for row in rows:
         flat.extend(row)
-    table = torch.tensor(flat, dtype=torch.int64)
-    if device.type != "cpu":
-        table = table.to(device, non_blocking=True)
-    return Plan(table, grid, tuple(keep), tuple(after))
+    host = ready = None
+    ready_stream = 0
+    if device.type == "cuda":
+        host = torch.empty(len(flat), dtype=torch.int64, pin_memory=True)
+        host.numpy()[:] = flat
+        table = torch.empty(len(flat), dtype=torch.int64, device=device)
+        with torch.cuda.device(device):
+            table.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            ready_stream = torch._C._cuda_getCurrentRawStream(table.device.index)
+    else:
+        table = torch.tensor(flat, dtype=torch.int64)
+    return Plan(
+        table, grid, device, tuple(keep), tuple(after), host=host, meta=meta,
+        table_addr=table.data_ptr(), ready=ready, ready_stream=ready_stream,
+    )
 
 
 class PlanCache:
-    """A small LRU of plans keyed by everything that decides the table (layout, pointers, strides).
+    """A small, thread-safe LRU of plans keyed by everything that decides the table.
 
-    Static destinations (CUDA-graph inputs) and reused buffers hit it every step, so their host
-    cost is a dict lookup plus the launch.
+    A repeat call with tensors of the same dtypes, shapes, strides and address alignment hits
+    it, whatever their addresses (those go as launch arguments), so its host cost is one key,
+    one dict lookup and the launch. A dropped plan's table is freed only once every launch that
+    reads it has run (``Plan.retire``).
     """
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._retired: list[tuple[Plan, list]] = []
+        self._held: list[Plan] = []  # captured by a CUDA graph: alive for good
+        self.lock = threading.RLock()
 
     def get(self, key: tuple) -> Plan | None:
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-        return plan
+        with self.lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+            return plan
 
-    def put(self, key: tuple, plan: Plan) -> None:
-        self._plans[key] = plan
-        if len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
+    def put(self, key: tuple, plan: Plan) -> Plan:
+        """Caches ``plan`` and returns the plan to launch: the one already cached under
+        ``key`` when another thread got there first (``plan`` was never launched then)."""
+        with self.lock:
+            have = self._plans.get(key)
+            if have is not None:
+                self._plans.move_to_end(key)
+                return have
+            self._plans[key] = plan
+            while len(self._plans) > self.capacity:
+                self._drop(self._plans.popitem(last=False)[1])
+            self._sweep()
+            return plan
 
     def clear(self) -> None:
-        self._plans.clear()
+        with self.lock:
+            while self._plans:
+                self._drop(self._plans.popitem(last=False)[1])
+            self._sweep()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    @property
+    def pending(self) -> int:
+        """Dropped plans whose tables still wait for their launches to complete."""
+        return len(self._retired)
+
+    def _drop(self, plan: Plan) -> None:
+        if plan.captured or (plan.streams and _capturing()):
+            self._held.append(plan)
+            return
+        events = plan.retire()
+        if events:
+            self._retired.append((plan, events))
+
+    def _sweep(self) -> None:
+        self._retired = [(p, evs) for p, evs in self._retired if not all(e.query() for e in evs)]

@@ -203,6 +203,72 @@ def _copy_entry(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+# ----------------------------------------------------------------------------- fast path
+
+# What a cached plan was built for: per tensor (dtype, shape, strides, address mod 16, device
+# index). A repeat call whose tensors match it passed every check the first call made, so the
+# hit path checks nothing else about them; their addresses go to the kernel as arguments.
+
+
+def _specs(
+    tensors: Sequence[torch.Tensor], n_rel: int = _copy.N_PTR
+) -> tuple[tuple, list[int]] | None:
+    """(spec key, data pointers), or None when an item is not a tensor (the checks say so).
+
+    The first ``n_rel`` tensors are addressed through pointer arguments; the addresses of the
+    rest are in the table, so they are part of the key."""
+    specs = []
+    ptrs = []
+    try:
+        for t in tensors:
+            p = t.data_ptr()
+            ptrs.append(p)
+            specs.append((t.dtype, t.shape, t.stride(), p & 15, t.get_device()))
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    # past the kernel's pointer arguments, addresses are in the table: they key the plan
+    return (*specs, *ptrs[n_rel:]), ptrs
+
+
+def _slot_args(first: int, ptrs: Sequence[int]) -> list[int]:
+    return [first, *(p & ~15 for p in ptrs[: _copy.N_PTR])]
+
+
+def _slot_of(i: int) -> int:
+    return _copy.SLOT_P0 + i if i < _copy.N_PTR else _copy.SLOT_ABS
+
+
+def _side(t: torch.Tensor, i: int) -> _copy.View:
+    """Tensor ``i`` of a call as a copy side: relative to its pointer argument when it has one."""
+    return _copy.View.of(t, _slot_of(i))
+
+
+def _buffer_ok(buf, nbytes: int, align: int, device_index: int) -> bool:
+    """The hit path's check of a byte buffer (any failure takes the checked path)."""
+    return (
+        isinstance(buf, torch.Tensor)
+        and buf.dtype == torch.uint8
+        and buf.dim() == 1
+        and buf.numel() >= nbytes
+        and (buf.numel() <= 1 or buf.stride(0) == 1)
+        and buf.data_ptr() % align == 0
+        and buf.get_device() == device_index
+    )
+
+
+def _kernel_default(impl: str | None, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the call may take the cached-plan path: the Triton kernel is asked for, or is the
+    default because the first tensor is on CUDA (the checked path verifies the rest)."""
+    if impl == "triton":
+        return True
+    return impl is None and bool(tensors) and getattr(tensors[0], "is_cuda", False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_of(specs: tuple[tuple[torch.dtype, torch.Size], ...]) -> Layout:
+    return Layout.from_specs(specs)
+
+
 # ----------------------------------------------------------------------------- pack
 
 
@@ -223,13 +289,32 @@ def pack(
 
     ``out``, when given, must be a contiguous uint8 tensor of at least ``layout.nbytes`` bytes,
     ``layout.align``-aligned; the returned tensor is its first ``layout.nbytes`` bytes.
-    ``names`` label the entries in error messages (pass the dict keys).
+    ``names`` label the entries in error messages (pass the dict keys). Without ``layout``,
+    the layout of a repeat call's dtypes and shapes comes from a cache, not a new plan.
     """
     tensors = list(tensors)
+    if _kernel_default(impl, tensors):
+        got = _specs(tensors)
+        if got is not None:
+            specs, ptrs = got
+            plan = _PLANS.get(("pack", layout, specs))
+            if plan is not None:
+                lay, device = plan.meta
+                if out is None:
+                    out = torch.empty(lay.nbytes, dtype=torch.uint8, device=device)
+                elif not _buffer_ok(out, lay.nbytes, lay.align, specs[0][4]):
+                    return _pack_checked(tensors, out, layout, impl, names)
+                plan.launch(_slot_args(out.data_ptr(), ptrs))
+                return out if out.numel() == lay.nbytes else out[: lay.nbytes]
+    return _pack_checked(tensors, out, layout, impl, names)
+
+
+def _pack_checked(tensors, out, layout, impl, names) -> torch.Tensor:
     device = _common_device(tensors, names, "tensor")
     _check_dtypes(tensors, names)
+    given = layout
     if layout is None:
-        layout = plan_layout(tensors)
+        layout = _layout_of(tuple((t.dtype, t.shape) for t in tensors))
     else:
         _check_matches(tensors, layout, names)
     if out is None:
@@ -240,22 +325,31 @@ def pack(
         _check_buffer(out, layout.nbytes, layout.align, "out", device)
     out = out[: layout.nbytes]
     if _pick_impl(impl, device or out.device) == "torch":
-        # one same-dtype copy_ per entry: exact bits (a fused _foreach_copy_ on CUDA goes
+        # one same-dtype copy per entry: exact bits (a fused _foreach_copy_ on CUDA goes
         # through float and rewrites NaN payloads of fp16/bf16/fp8)
         for v, t in zip(unpack(out, layout), tensors):
             if v.numel():
                 _copy_entry(v, t)
         return out
-    # the output side is relative to out's address: a new buffer every hop still hits
-    key = ("pack", out.device, layout, *((t.data_ptr(), t.stride()) for t in tensors))
-    _plan(
-        key,
+    specs, ptrs = _specs(tensors)
+    # the output side is relative to out's address (slot 1), each source to its own pointer
+    # argument: new buffers and new tensors every hop still hit
+    plan = _plan(
+        ("pack", given, specs),
         out.device,
         lambda: [
-            (t, _copy.View.of(t), _copy.View.flat(e.offset, relative=True), e, False)
-            for t, e in zip(tensors, layout.entries)
+            (
+                t,
+                _side(t, i),
+                _copy.View.flat(e.offset, slot=_copy.SLOT_BASE),
+                e,
+                False,
+            )
+            for i, (t, e) in enumerate(zip(tensors, layout.entries))
         ],
-    ).launch(out.data_ptr())
+        (layout, out.device),
+    )
+    plan.launch(_slot_args(out.data_ptr(), ptrs))
     return out
 
 
@@ -344,6 +438,14 @@ def unpack_into(
     track of ``n`` (it is ``layout.entries[i].shape[0]``). Other dims and the dtype must match.
     """
     outs = list(outs)
+    if _kernel_default(impl, outs):
+        got = _specs(outs)
+        if got is not None:
+            specs, ptrs = got
+            plan = _PLANS.get(("unpack", layout, specs))
+            if plan is not None and _buffer_ok(buffer, layout.nbytes, layout.align, specs[0][4]):
+                plan.launch(_slot_args(buffer.data_ptr(), ptrs))
+                return
     device = _check_outs(outs, layout, names)
     _check_buffer(buffer, layout.nbytes, layout.align, "buffer", device)
     views = [
@@ -354,15 +456,16 @@ def unpack_into(
             if v.numel():
                 _copy_entry(v, src)
         return
-    key = ("unpack", buffer.device, layout, *((v.data_ptr(), v.stride()) for v in views))
-    _plan(
-        key,
+    specs, ptrs = _specs(outs)
+    plan = _plan(
+        ("unpack", layout, specs),
         buffer.device,
         lambda: [
-            (v, _copy.View.flat(e.offset, relative=True), _copy.View.of(v), e, True)
-            for v, e in zip(views, layout.entries)
+            (v, _copy.View.flat(e.offset, slot=_copy.SLOT_BASE), _side(v, i), e, True)
+            for i, (v, e) in enumerate(zip(views, layout.entries))
         ],
-    ).launch(buffer.data_ptr())
+    )
+    plan.launch(_slot_args(buffer.data_ptr(), ptrs))
 
 
 def unpack_into_reference(
@@ -430,6 +533,16 @@ def reassemble(
     were sent whole and are read from this rank's own ``part`` buffer. Returns zero-copy views of
     one new buffer laid out by ``layout`` (or of ``out``).
     """
+    if _kernel_default(impl, [gathered]):
+        key = _reassembly_key("reassemble", gathered, layout, sliced, part, ())
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is not None and _reassembly_ok(plan, gathered, part):
+            if out is None:
+                out = torch.empty(layout.nbytes, dtype=torch.uint8, device=gathered.device)
+            if _buffer_ok(out, layout.nbytes, layout.align, gathered.get_device()):
+                out = out if out.numel() == layout.nbytes else out[: layout.nbytes]
+                plan.launch(_reassembly_args(gathered, part, [out.data_ptr()]))
+                return unpack(out, layout)
     world, flags, part_layout = _check_gathered(gathered, layout, sliced, part, None)
     if out is None:
         out = torch.empty(layout.nbytes, dtype=torch.uint8, device=gathered.device)
@@ -437,8 +550,17 @@ def reassemble(
         _check_buffer(out, layout.nbytes, layout.align, "out", gathered.device)
     out = out[: layout.nbytes]
     views = unpack(out, layout)
-    dsts = [_copy.View.flat(out.data_ptr() + e.offset) for e in layout.entries]
-    _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl)
+    if _pick_impl(impl, gathered.device) == "torch":
+        _reassemble_torch(gathered, layout, flags, part, part_layout, views)
+        return views
+    dsts = [_copy.View.flat(e.offset, slot=_copy.SLOT_P0 + 1) for e in layout.entries]
+    key = _reassembly_key("reassemble", gathered, layout, sliced, part, ())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts)
+        if not plan.after:
+            plan = _PLANS.put(key, plan)
+    plan.launch(_reassembly_args(gathered, part, [out.data_ptr()]))
     return views
 
 
@@ -456,39 +578,72 @@ def reassemble_into(
     Destinations follow :func:`unpack_into`'s rules (a larger dim 0 takes ``outs[i][:n]``).
     """
     outs = list(outs)
+    if _kernel_default(impl, [gathered]):
+        got = _specs(outs, _copy.N_PTR - 1)
+        key = (
+            _reassembly_key("reassemble_into", gathered, layout, sliced, part, got[0])
+            if got is not None
+            else None
+        )
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is not None and _reassembly_ok(plan, gathered, part):
+            plan.launch(_reassembly_args(gathered, part, got[1]))
+            return
     device = _check_outs(outs, layout, None)
     world, flags, part_layout = _check_gathered(gathered, layout, sliced, part, device)
     views = [
         o if tuple(o.shape) == e.shape else o[: e.shape[0]] for o, e in zip(outs, layout.entries)
     ]
-    dsts = [_copy.View.of(v) for v in views]
-    _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl)
-
-
-def _reassemble(gathered, layout, flags, part, part_layout, views, dsts, impl) -> None:
     if _pick_impl(impl, gathered.device) == "torch":
         _reassemble_torch(gathered, layout, flags, part, part_layout, views)
         return
-    key = (
-        "reassemble",
-        layout,
-        flags,
-        tuple(gathered.shape),
-        gathered.data_ptr(),
-        None if part is None else part.data_ptr(),
-        *((d.ptr, d.strides) for d in dsts),
-    )
+    specs, ptrs = _specs(outs, _copy.N_PTR - 1)
+    # slot 1: gathered, slot 2: part, slots 3..: the destinations
+    dsts = [_copy.View.of(v, _slot_of(i + 1)) for i, v in enumerate(views)]
+    key = _reassembly_key("reassemble_into", gathered, layout, sliced, part, specs)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts)
         if not plan.after:
-            _PLANS.put(key, plan)
-    plan.launch()
+            plan = _PLANS.put(key, plan)
+    plan.launch(_reassembly_args(gathered, part, ptrs))
+
+
+def _reassembly_key(op, gathered, layout, sliced, part, specs) -> tuple | None:
+    """Everything a reassembly table depends on besides the buffers' (aligned) addresses."""
+    try:
+        shape = gathered.shape
+        device = gathered.get_device()
+    except AttributeError:
+        return None
+    flags = None if sliced is None else tuple(bool(f) for f in sliced)
+    return (op, layout, flags, shape, part is None, device, specs)
+
+
+def _reassembly_ok(plan: _copy.Plan, gathered, part) -> bool:
+    """The hit path's checks of the buffers whose addresses change per call."""
+    align, part_nbytes = plan.meta
+    return (
+        gathered.dtype == torch.uint8
+        and gathered.dim() == 2
+        and gathered.is_contiguous()
+        and gathered.data_ptr() % align == 0
+        and (part is None or _buffer_ok(part, part_nbytes, align, gathered.get_device()))
+    )
+
+
+def _reassembly_args(gathered, part, ptrs: Sequence[int]) -> list[int]:
+    return [
+        gathered.data_ptr(),
+        0 if part is None else part.data_ptr(),
+        *(p & ~15 for p in ptrs[: _copy.N_PTR - 1]),
+    ]
 
 
 def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) -> _copy.Plan:
     """W pieces per sliced entry (rank r's slice lands at logical offset r * numel / W), one
-    piece per whole entry (from this rank's part)."""
+    piece per whole entry (from this rank's part). Sources are relative to slot 1 (gathered)
+    and slot 2 (part), destinations to their own slots (``dsts``)."""
     world, row_bytes = gathered.shape
     n_sliced = sum(flags)
     part_entries = iter(part_layout.entries[:n_sliced])
@@ -500,24 +655,33 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
         pe = next(part_entries) if f else next(whole_entries)
         if e.numel == 0:
             continue
+        esize = e.dtype.itemsize
         if f:
             pieces = [
-                (
-                    gathered.data_ptr() + r * row_bytes + pe.offset,
-                    r * (e.numel // world),
-                    e.numel // world,
-                )
+                (_copy.SLOT_BASE, r * row_bytes + pe.offset, r * (e.numel // world), e.numel // world)
                 for r in range(world)
             ]
         else:
-            pieces = [(part.data_ptr() + pe.offset, 0, e.numel)]
+            pieces = [(_copy.SLOT_P0, pe.offset, 0, e.numel)]
         entry_rows = []
-        for ptr, start, n in pieces:
+        for slot, off, start, n in pieces:
+            if n == e.numel and len(dst.sizes) == len(e.shape):  # a whole tensor: maybe tiled
+                tiled = _copy.tile_row(
+                    _copy.View.flat(off, slot=slot),
+                    dst,
+                    e.shape,
+                    _copy.contiguous_strides(e.shape),
+                    dst.strides,
+                    esize,
+                )
+                if tiled is not None:
+                    entry_rows.append(tiled)
+                    continue
             r = _copy.segment_rows(
-                _copy.View.flat(ptr),
-                _copy.View(dst.ptr, dst.sizes, dst.strides, start),
+                _copy.View.flat(off, slot=slot),
+                _copy.View(dst.ptr, dst.sizes, dst.strides, start, dst.slot),
                 n,
-                e.dtype.itemsize,
+                esize,
             )
             if r is None:
                 break
@@ -529,16 +693,18 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
         staged = torch.empty(e.shape, dtype=e.dtype, device=gathered.device)
         keep.append(staged)
         after.append((v, staged))
-        for ptr, start, n in pieces:
+        for slot, off, start, n in pieces:
             rows.extend(
                 _copy.segment_rows(
-                    _copy.View.flat(ptr),
+                    _copy.View.flat(off, slot=slot),
                     _copy.View.flat(staged.data_ptr(), start),
                     n,
-                    e.dtype.itemsize,
+                    esize,
                 )
             )
-    return _copy.build_plan(rows, gathered.device, keep=keep, after=after)
+    return _copy.build_plan(
+        rows, gathered.device, keep=keep, after=after, meta=(layout.align, part_layout.nbytes)
+    )
 
 
 def _reassemble_torch(gathered, layout, flags, part, part_layout, views) -> None:
@@ -593,13 +759,14 @@ def reassemble_reference(
 # ----------------------------------------------------------------------------- planning
 
 
-def _plan(key: tuple, device: torch.device, pieces_fn) -> _copy.Plan:
+def _plan(key: tuple, device: torch.device, pieces_fn, meta=None) -> _copy.Plan:
     """The cached segment table for ``key``, built from ``pieces_fn()`` on a miss.
 
     ``pieces_fn`` yields ``(tensor, src view, dst view, entry, is_dst)`` where ``tensor`` is the
-    caller's strided side (the source for pack, the destination for unpack_into). A tensor the
-    kernel cannot address (more than four non-mergeable dims) is gathered or staged with torch:
-    correct, one extra copy, and such plans are not cached.
+    caller's strided side (the source for pack, the destination for unpack_into). A whole
+    transposed tensor takes the tiled path. A tensor the kernel cannot address (more than four
+    non-mergeable dims) is gathered or staged with torch: correct, one extra copy, and such
+    plans are not cached.
     """
     plan = _PLANS.get(key)
     if plan is not None:
@@ -608,7 +775,22 @@ def _plan(key: tuple, device: torch.device, pieces_fn) -> _copy.Plan:
     keep: list[torch.Tensor] = []
     after: list[tuple[torch.Tensor, torch.Tensor]] = []
     for t, src, dst, e, is_dst in pieces_fn():
-        r = _copy.segment_rows(src, dst, e.numel, e.dtype.itemsize)
+        if e.numel == 0:
+            continue
+        esize = e.dtype.itemsize
+        dense = _copy.contiguous_strides(e.shape)
+        tiled = _copy.tile_row(
+            src,
+            dst,
+            e.shape,
+            dense if is_dst else t.stride(),
+            t.stride() if is_dst else dense,
+            esize,
+        )
+        if tiled is not None:
+            rows.append(tiled)
+            continue
+        r = _copy.segment_rows(src, dst, e.numel, esize)
         if r is None:
             staged = torch.empty(e.shape, dtype=e.dtype, device=device)
             if is_dst:
@@ -618,9 +800,9 @@ def _plan(key: tuple, device: torch.device, pieces_fn) -> _copy.Plan:
                 staged.copy_(t)
                 src = _copy.View.of(staged)
             keep.append(staged)
-            r = _copy.segment_rows(src, dst, e.numel, e.dtype.itemsize)
+            r = _copy.segment_rows(src, dst, e.numel, esize)
         rows.extend(r)
-    plan = _copy.build_plan(rows, device, keep=keep, after=after)
+    plan = _copy.build_plan(rows, device, keep=keep, after=after, meta=meta)
     if not keep:
-        _PLANS.put(key, plan)
+        plan = _PLANS.put(key, plan)
     return plan

@@ -1036,7 +1036,7 @@ def plan_builds(monkeypatch) -> list[int]:
     build = _copy.build_plan
 
     def counting(rows, device, **kw):
-        builds.append(len(rows))
+        builds.append([list(r) for r in rows])
         return build(rows, device, **kw)
 
     monkeypatch.setattr(_copy, "build_plan", counting)
@@ -1060,13 +1060,57 @@ def test_pack_reuses_its_plan_and_reads_current_contents(plan_builds, device):
     assert len(plan_builds) == 1, "the second call with the same addresses rebuilt its plan"
     _assert_entries(out, layout, tensors)
 
-    others = [
-        _random_tensor((37, 9), torch.bfloat16, device).t(),
-        _random_tensor((123,), torch.int8, device),
-    ]  # alive together: new addresses
+    # new tensors (new addresses, same alignment): their addresses are launch arguments
+    bases = [_random_tensor((37 * 9 + 8,), torch.bfloat16, device),
+             _random_tensor((123 + 16,), torch.int8, device)]
+    others = [bases[0][:333].view(37, 9).t(), bases[1][:123]]
     K.pack(others, out=out, impl="triton")
+    assert len(plan_builds) == 1, "new addresses of the same alignment rebuilt the plan"
+    _assert_entries(out, layout, others)
+
+    # another alignment decides other words: a new plan, and still the right bytes
+    shifted = [bases[0][8:341].view(37, 9).t(), bases[1][3:126]]
+    K.pack(shifted, out=out, impl="triton")
+    assert len(plan_builds) == 2
+    _assert_entries(out, layout, shifted)
+    K.pack(others, out=out, impl="triton")  # and back: the first plan
     assert len(plan_builds) == 2
     _assert_entries(out, layout, others)
+
+
+def test_a_fresh_buffer_and_fresh_tensors_every_call_hit_one_plan(plan_builds, device):
+    """The transport's hop: new sources, a new packed buffer, new destinations every call."""
+    shapes = [((6, 40), torch.bfloat16), ((3,), torch.int64), ((40, 6), torch.float32)]
+    dests = []
+    for step in range(4):
+        srcs = [_random_tensor(s, d, device) for s, d in shapes]
+        srcs[2] = srcs[2].t().contiguous().t()  # a transposed view, fresh every call
+        buf = K.pack(srcs, impl="triton")
+        dests.append([_canary(s.shape, s.dtype, device) for s in srcs])
+        K.unpack_into(buf, plan_layout(srcs), dests[-1], impl="triton")
+        for o, t in zip(dests[-1], srcs):
+            _assert_same_bytes(_bytes(o), _bytes(t))
+    assert len(plan_builds) == 2  # one pack plan, one unpack_into plan
+
+
+def test_pack_without_a_layout_does_not_plan_one_per_call(plan_builds, device, monkeypatch):
+    tensors = [_random_tensor((5, 8), torch.float16, device), _random_tensor((7,), torch.int8,
+                                                                              device)]
+    layout = plan_layout(tensors)
+    K.ops._layout_of.cache_clear()
+    calls = []
+    from_specs = K.Layout.from_specs.__func__
+    monkeypatch.setattr(
+        K.Layout, "from_specs", classmethod(lambda cls, *a, **kw: calls.append(1)
+                                            or from_specs(cls, *a, **kw))
+    )
+    for impl in ("torch", "triton"):
+        for _ in range(3):
+            buf = K.pack(tensors, impl=impl)
+            assert buf.numel() == layout.nbytes
+            _assert_entries(buf, layout, tensors)
+    assert len(calls) == 1, "pack(tensors) planned a layout on a repeat call"
+    assert len(plan_builds) == 1
 
 
 def test_pack_plan_follows_a_moving_output_buffer(plan_builds, device):
@@ -1140,14 +1184,16 @@ def test_unpack_into_and_reassemble_reuse_plans_and_read_current_contents(plan_b
         gathered.copy_(new_gathered)
         parts[1].copy_(new_parts[1])
 
-    # the whole entries now come from another part buffer (parts[1] is still alive)
+    # the whole entries now come from another part buffer (parts[1] is still alive), into
+    # another output buffer: both addresses are launch arguments, the plan stays
     values = [_random_tensor(v.shape, v.dtype, device) for v in values]
     _, new_gathered, new_parts = _tp_gather(values, 2, flags)
     gathered.copy_(new_gathered)
-    full = K.reassemble(gathered, rl, sliced=flags, part=new_parts[0], out=out, impl="triton")
+    out2 = torch.empty(rl.nbytes, dtype=torch.uint8, device=device)
+    full = K.reassemble(gathered, rl, sliced=flags, part=new_parts[0], out=out2, impl="triton")
     for v, f in zip(values, full):
         _assert_same_bytes(_bytes(f), _bytes(v))
-    assert len(plan_builds) == 3
+    assert len(plan_builds) == 2
 
 
 def test_fallback_plans_are_not_reused_stale(plan_builds, device):
@@ -1198,3 +1244,215 @@ def test_reassemble_handles_an_empty_entry_before_others(sliced, impl, device):
     views = K.reassemble(gathered, layout, sliced=flags, part=parts[0], impl=impl)
     for v, t in zip(views, tensors):
         _assert_same_bytes(_bytes(v), _bytes(t))
+
+
+# ----------------------------------------------------------------------------- tiled path
+
+
+def _tile(dtype: torch.dtype) -> int:
+    return _copy._tile_sides(dtype.itemsize)[0]
+
+
+# (base shape, view): full tiles and a masked tail in both tiled dims; a batched transpose
+TILED_VIEWS = {
+    "transpose": (lambda t: (2 * t + 16, t + 32), lambda x: x.transpose(0, 1)),
+    "batched": (lambda t: (3, t + 16, t + 48), lambda x: x.transpose(1, 2)),
+    "exact_tiles": (lambda t: (t, 2 * t), lambda x: x.transpose(0, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("view", list(TILED_VIEWS))
+def test_transposes_take_the_tiled_path_and_are_exact(plan_builds, view, dtype, device):
+    """pack from a transposed source and unpack_into a transposed destination: the plan picks
+    the tiled row (mode 2) for both, and every byte lands, nothing outside its region."""
+    shape_of, op = TILED_VIEWS[view]
+    base_shape = shape_of(_tile(dtype))
+    base = _random_tensor(base_shape, dtype, device)
+    src = op(base)
+    small = _random_tensor((5,), torch.int16, device)
+    layout = plan_layout([small, src])
+    arena = torch.full((layout.nbytes + 64,), CANARY, dtype=torch.uint8, device=device)
+
+    buf = K.pack([small, src], out=arena[32:], impl="triton")
+    _assert_entries(buf, layout, [small, src])
+    _assert_untouched(arena[:32])
+    _assert_untouched(arena[32 + layout.nbytes :])
+    assert [r[0] for r in plan_builds[-1] if r[0] == _copy._TILED] == [_copy._TILED]
+
+    dest = Dest.make(base_shape, dtype, device, op)
+    value = _random_tensor(src.shape, dtype, device)
+    K.unpack_into(K.pack_reference([value]), plan_layout([value]), [dest.view], impl="triton")
+    dest.check(value)
+    assert [r[0] for r in plan_builds[-1]] == [_copy._TILED]
+
+
+def test_tiled_path_needs_aligned_rows_and_whole_tiles(plan_builds, device):
+    """Row strides that are not 16-byte multiples, or a side shorter than a tile, take the
+    strided path (still exact)."""
+    t = _tile(torch.bfloat16)
+    cases = [
+        _random_tensor((t + 8, t + 3), torch.bfloat16, device).t(),  # rows of 2 * (t + 3) B
+        _random_tensor((t + 8, t - 8), torch.bfloat16, device).t(),  # t - 8 columns
+        _random_tensor(((t + 8) ** 2 + 1,), torch.bfloat16, device)[1:]
+        .view(t + 8, t + 8)
+        .t(),  # a start 2 bytes past 16-byte alignment
+    ]
+    for src in cases:
+        buf = K.pack([src], impl="triton")
+        _assert_entries(buf, plan_layout([src]), [src])
+        assert _copy._TILED not in [r[0] for r in plan_builds[-1]]
+
+
+def test_reassemble_into_a_transposed_destination_uses_tiles_for_whole_entries(
+    plan_builds, device
+):
+    t = _tile(torch.float32)
+    values = [_random_tensor((t + 16, t + 8), torch.float32, device) for _ in range(2)]
+    dests = [
+        Dest.make((t + 8, t + 16), torch.float32, device, lambda x: x.transpose(0, 1))
+        for _ in values
+    ]
+    flags = (True, False)  # the whole entry comes from the part buffer in one piece
+    layout, gathered, parts = _tp_gather(values, 2, flags)
+
+    K.reassemble_into(gathered, layout, [d.view for d in dests], sliced=flags, part=parts[0],
+                      impl="triton")
+    for v, d in zip(values, dests):
+        d.check(v)
+    assert [r[0] for r in plan_builds[-1]].count(_copy._TILED) == 1
+
+
+# ----------------------------------------------------------------------------- plan cache
+
+
+def test_plan_cache_is_safe_under_threads(monkeypatch, device):
+    """Threads packing and unpacking different payloads at once, through a cache small enough
+    to evict all the time: every copy exact, and the cache never over capacity."""
+    import threading
+
+    K.clear_plan_cache()
+    monkeypatch.setattr(K.ops._PLANS, "capacity", 3)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker(seed: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(seed)
+            barrier.wait()
+            for step in range(12):
+                n = 3 + (seed + step) % 5
+                tensors = [
+                    torch.randint(0, 256, (n * 4,), generator=gen, dtype=torch.uint8)
+                    .view(torch.float32).view(n, 1).expand(n, 3),
+                    torch.randint(-9, 9, (n + seed,), generator=gen, dtype=torch.int16),
+                ]
+                layout = plan_layout(tensors)
+                buf = K.pack(tensors, impl="triton")
+                _assert_entries(buf, layout, tensors)
+                outs = [_canary(t.shape, t.dtype, device) for t in tensors]
+                K.unpack_into(buf, layout, outs, impl="triton")
+                for o, t in zip(outs, tensors):
+                    _assert_same_bytes(_bytes(o), _bytes(t))
+                assert len(K.ops._PLANS) <= 3
+        except BaseException as exc:  # surfaced below, with the thread's traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    if errors:
+        raise errors[0]
+    K.clear_plan_cache()
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+class _FakePlan:
+    """What PlanCache needs of a plan: its launch history (captured) and retire()."""
+
+    def __init__(self, captured: bool = False) -> None:
+        self.captured = captured
+        self.streams = {1}
+        self.events = [_FakeEvent(), _FakeEvent()]
+
+    def retire(self) -> list:
+        return self.events
+
+
+def test_a_dropped_plan_waits_for_its_launches_before_it_is_freed():
+    cache = _copy.PlanCache(capacity=1)
+    first, second, third = _FakePlan(), _FakePlan(), _FakePlan()
+    assert cache.put("a", first) is first
+    cache.put("b", second)  # evicts the first: retired, its events pending
+    assert cache.pending == 1 and cache.get("a") is None
+    first.events[0].done = True
+    cache.put("c", third)  # a sweep: one of the first plan's launches has not run yet
+    assert cache.pending == 2
+    first.events[1].done = True
+    second.events[0].done = second.events[1].done = True
+    cache.clear()  # the third plan is retired; the first two are done and released
+    assert cache.pending == 1 and len(cache) == 0
+
+
+def test_a_plan_a_cuda_graph_captured_is_never_freed():
+    cache = _copy.PlanCache(capacity=1)
+    graph_plan = _FakePlan(captured=True)
+    cache.put("a", graph_plan)
+    cache.put("b", _FakePlan())
+    cache.clear()
+    assert graph_plan in cache._held and cache.pending == 1
+
+
+def test_put_keeps_the_plan_another_thread_cached_first():
+    cache = _copy.PlanCache()
+    mine, theirs = _FakePlan(), _FakePlan()
+    assert cache.put("k", theirs) is theirs
+    assert cache.put("k", mine) is theirs, "a second build replaced a plan that may be in use"
+    assert cache.pending == 0
+
+
+def test_direct_launch_passes_the_jit_launcher_arguments():
+    """The compiled kernel's launcher gets what Triton's JIT passes it: grid, stream, the
+    function and its packed metadata, no launch metadata or hooks, then every argument."""
+    calls = []
+
+    class Compiled:
+        function = "fn"
+        packed_metadata = ("md",)
+
+        def run(self, *args):
+            calls.append(args)
+
+    direct = _copy._Direct(Compiled())
+    args = list(range(100, 100 + len(_copy._ARG_NAMES)))
+    direct(7, 1234, args)
+    assert calls == [(7, 1, 1, 1234, "fn", ("md",), None, None, None, *args)]
+
+
+def test_kernel_arguments_are_the_slot_bases(plan_builds, device, monkeypatch):
+    """pack passes the table, the output buffer and each source's 16-byte aligned base as the
+    kernel's integer arguments (what lets a fresh buffer or tensor reuse the table)."""
+    seen = []
+    real = _copy._jit_launch
+    monkeypatch.setattr(_copy, "_jit_launch", lambda grid, args: seen.append(list(args))
+                        or real(grid, args))
+    base = _random_tensor((40,), torch.int8, device)
+    tensors = [base[3:20], _random_tensor((4, 4), torch.float32, device)]
+    out = torch.empty(plan_layout(tensors).nbytes + 32, dtype=torch.uint8, device=device)
+    K.pack(tensors, out=out[16:], impl="triton")
+    args = seen[-1]
+    assert len(args) == len(_copy._ARG_NAMES)
+    assert args[1] == out.data_ptr() + 16
+    assert args[2:4] == [tensors[0].data_ptr() & ~15, tensors[1].data_ptr() & ~15]
+    assert args[4:] == [0] * (len(args) - 4)

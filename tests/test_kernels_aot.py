@@ -24,46 +24,76 @@ if importlib.util.find_spec("triton.backends.nvidia") is None:
 
 CAPABILITIES = [80, 90]
 
-# Every @triton.jit kernel that is launched (helpers it calls are compiled with it).
+# Every @triton.jit kernel that is launched (helpers it calls are compiled with it), plus the
+# tiled transpose helper alone, so its PTX can be read apart from the other modes.
 _COMPILE = r"""
 import json, re, sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pipepack.kernels import _copy
 
 assert not _copy.INTERPRETED, "the subprocess must run the real compiler"
+
+
+@triton.jit
+def tiled_only(row_addr, src_addr, dst_addr, WORD: tl.constexpr, VEC: tl.constexpr,
+               T: tl.constexpr):
+    row_ptr = tl.multiple_of(row_addr.to(tl.pointer_type(tl.int64)), 16)
+    _copy._copy_tiled(row_ptr, tl.program_id(0).to(tl.int64), src_addr, dst_addr, WORD, VEC, T,
+                      T)
+
+
+def count(ptx, pattern):
+    return len(re.findall(pattern, ptx))
+
+
 summary = {}
 for cc in map(int, sys.argv[1:]):
+    # the launched kernel: every argument an int64, no constexpr, no specialisation
     src = ASTSource(
         fn=_copy._copy_segments_kernel,
-        signature={
-            "table_ptr": "*i64",
-            "base_addr": "i64",
-            "ROW": "constexpr",
-            "VEC_BLOCK": "constexpr",
-            "STRIDED_BLOCK": "constexpr",
-        },
-        constexprs={
-            "ROW": _copy._ROW,
-            "VEC_BLOCK": _copy.VEC_BLOCK,
-            "STRIDED_BLOCK": _copy.STRIDED_BLOCK,
-        },
-        attrs={(0,): [["tt.divisibility", 16]]},
+        signature={name: "i64" for name in _copy._ARG_NAMES},
+        constexprs={},
     )
     kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
     target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
-    summary[cc] = {
+    info = {
         "ptx_len": len(ptx),
         "cubin_len": len(kernel.asm["cubin"]),
         "target": target.group(1) if target else None,
         "entry": "_copy_segments_kernel" in ptx,
-        "ld_v4": ptx.count("ld.global.v4"),
-        "st_v4": ptx.count("st.global.v4"),
+        "params": count(ptx, r"\.param \.u64 [\w]*_copy_segments_kernel_param_\d+"),
+        "ld_v4": count(ptx, r"ld\.global(\.\w+)*\.v4"),
+        "st_v4": count(ptx, r"st\.global(\.\w+)*\.v4"),
+        "tiled": {},
     }
+    for word, vec, side in (("int8", 16, _copy.TILE), ("int16", 8, _copy.TILE),
+                            ("int32", 4, _copy.TILE), ("int64", 2, max(_copy.TILE // 2, 16))):
+        t = triton.compile(
+            ASTSource(
+                fn=tiled_only,
+                signature={"row_addr": "i64", "src_addr": "i64", "dst_addr": "i64",
+                           "WORD": "constexpr", "VEC": "constexpr", "T": "constexpr"},
+                constexprs={"WORD": getattr(tl, word), "VEC": vec, "T": side},
+            ),
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": 4},
+        )
+        tptx = t.asm["ptx"]
+        # 16-byte vectors: .v4 of 32-bit lanes, or .v2 of 64-bit ones
+        info["tiled"][word] = {
+            "ld_vec16": count(tptx, r"ld\.global(\.\w+)*\.v4\.b32")
+            + count(tptx, r"ld\.global(\.\w+)*\.v2\.b64"),
+            "st_vec16": count(tptx, r"st\.global(\.\w+)*\.v4\.b32")
+            + count(tptx, r"st\.global(\.\w+)*\.v2\.b64"),
+            "shared": t.metadata.shared,
+        }
+    summary[cc] = info
 print(json.dumps(summary))
 """
 
@@ -73,8 +103,10 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     """One subprocess compiles the kernel for every capability (~3 s each)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    script = tmp_path_factory.mktemp("aot") / "compile_kernels.py"  # @jit needs a source file
+    script.write_text(_COMPILE)
     result = subprocess.run(
-        [sys.executable, "-c", _COMPILE, *map(str, CAPABILITIES)],
+        [sys.executable, str(script), *map(str, CAPABILITIES)],
         env=env,
         capture_output=True,
         text=True,
@@ -98,3 +130,23 @@ def test_aligned_fast_path_moves_16_byte_vectors(compiled, cc):
     info = compiled[cc]
     assert info["ld_v4"] > 0, "no ld.global.v4: the aligned block copy lost its 16-byte loads"
     assert info["st_v4"] > 0, "no st.global.v4: the aligned block copy lost its 16-byte stores"
+
+
+@pytest.mark.parametrize("cc", CAPABILITIES)
+def test_every_kernel_argument_is_a_plain_integer(compiled, cc):
+    """The direct launch passes the table, the buffer and the pointers as integers: the
+    compiled entry must take exactly those (no constexpr, no dropped specialised argument)."""
+    from pipepack.kernels import _copy
+
+    assert compiled[cc]["params"] == len(_copy._ARG_NAMES)
+
+
+@pytest.mark.parametrize("cc", CAPABILITIES)
+@pytest.mark.parametrize("word", ["int8", "int16", "int32", "int64"])
+def test_tiled_transpose_moves_16_byte_vectors_both_ways(compiled, cc, word):
+    """Full tiles load along the source's rows and store along the destination's columns with
+    16-byte vectors (the masked tail tile stays scalar), through shared memory."""
+    info = compiled[cc]["tiled"][word]
+    assert info["ld_vec16"] > 0, f"no 16-byte loads in the tiled path ({word})"
+    assert info["st_vec16"] > 0, f"no 16-byte stores in the tiled path ({word})"
+    assert info["shared"] > 0, "the tile does not go through shared memory"
