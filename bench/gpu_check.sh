@@ -5,8 +5,8 @@
 # Run from the repo root on the GPU machine:
 #   bash bench/gpu_check.sh
 # Logs and results land in $OUT when it is set (the device machine sets it), else in
-# /tmp/pipepack_gpu_check: gpu_tests.log, bench_kernels.log, kernels_<device>.json, summary.txt,
-# steps/<step>.log. The whole script stays under GPU_CHECK_TOTAL_S (default 430 s, plus the summary): every step
+# bench/results/gpu_check_<UTC time>: gpu_tests.log, bench_kernels.log, kernels_<device>.json,
+# summary.txt, steps/<step>.log; kernels_<device>.json is also copied to bench/results/. The whole script stays under GPU_CHECK_TOTAL_S (default 430 s, plus the summary): every step
 # runs under `timeout` with what is left of that budget, so one hung step cannot eat the rest.
 # No `set -e`: a failing step is recorded and the next one still runs.
 
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.." || exit 1
 shopt -s nullglob
 
 PY=${PYTHON:-python3}
-OUTDIR=${OUT:-/tmp/pipepack_gpu_check}
+OUTDIR=${OUT:-bench/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-430}
 RESERVE_S=20 # kept back for the summary
 mkdir -p "$OUTDIR/steps" "$OUTDIR/sweep" bench/results
@@ -134,6 +134,12 @@ SWEEP=${GPU_CHECK_SWEEP:-1}
       PIPEPACK_NUM_WARPS=$nw "$PY" bench/bench_kernels.py --ops pack \
       --payloads big_128MiB,hidden_bs4096,hidden_bs8,mixed16 --out "$OUTDIR/sweep/vb${vb}_nw${nw}.json"
   done
+done
+# tile side of the transposed path (64 words; 8-byte words use half)
+((SWEEP)) && for tile in 32 64 128; do
+  step "sweep_tile${tile}" 40 "$OUTDIR/sweep.log" env PIPEPACK_TILE=$tile \
+    "$PY" bench/bench_kernels.py --ops pack,unpack_into,reassemble \
+    --payloads transposed_bs256,transposed_bs4096 --out "$OUTDIR/sweep/tile${tile}.json"
 done
 ((SWEEP)) && for sb in 512 2048 4096; do
   step "sweep_sb${sb}" 40 "$OUTDIR/sweep.log" env PIPEPACK_STRIDED_BLOCK=$sb \

@@ -373,3 +373,138 @@ def test_gpu_warm_calls_do_not_synchronise():
     for v, d, f in zip(values, dests, full):
         d.check(v)
         _assert_same_bytes(_bytes(f), _bytes(v))
+
+
+# ----------------------------------------------------------------------------- launch path
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[list[list[int]]]:
+    """Rows of every plan built (one per cache miss), from an empty cache."""
+    K.clear_plan_cache()
+    seen: list[list[list[int]]] = []
+    build = _copy.build_plan
+    monkeypatch.setattr(
+        _copy, "build_plan", lambda rows, device, **kw: seen.append(rows) or build(rows, device,
+                                                                                   **kw)
+    )
+    yield seen
+    K.clear_plan_cache()
+
+
+def test_gpu_fresh_buffers_and_tensors_every_hop_hit_one_plan(builds):
+    shapes = [((8, 4096), torch.bfloat16), ((8, 4096), torch.bfloat16), ((8,), torch.int64)]
+    for _ in range(4):
+        srcs = [_random_tensor(s, d) for s, d in shapes]
+        layout = plan_layout(srcs)
+        buf = K.pack(srcs)  # a fresh output buffer too
+        outs = [_canary(s.shape, s.dtype) for s in srcs]
+        K.unpack_into(buf, layout, outs)
+        for o, s in zip(outs, srcs):
+            _assert_same_bytes(_bytes(o), _bytes(s))
+    assert len(builds) == 2
+
+
+def test_gpu_repeat_calls_launch_the_compiled_kernel_directly(builds, monkeypatch):
+    srcs = [_random_tensor((4, 64), torch.float16) for _ in range(2)]
+    buf = K.pack(srcs)
+    torch.cuda.synchronize()
+    assert torch.cuda.current_device() in _copy._DIRECT or _copy._launch_hooks_set()
+    jit = []
+    real = _copy._jit_launch
+    monkeypatch.setattr(_copy, "_jit_launch", lambda g, a: jit.append(1) or real(g, a))
+    for _ in range(3):
+        srcs = [_random_tensor((4, 64), torch.float16) for _ in range(2)]
+        buf = K.pack(srcs, out=buf)
+        torch.cuda.synchronize()
+        _assert_entries(buf, plan_layout(srcs), [_bytes(s) for s in srcs])
+    assert not jit or _copy._launch_hooks_set(), "a warm launch went through the JIT"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+def test_gpu_tiled_transposes_are_exact(builds, dtype):
+    bases = [_random_tensor((4096 + 16, 256 + 32), dtype), _random_tensor((3, 80, 1040), dtype)]
+    srcs = [bases[0].t(), bases[1].transpose(1, 2)]
+    layout = plan_layout(srcs)
+    arena = torch.full((layout.nbytes + 64,), CANARY, dtype=torch.uint8, device=CUDA)
+    buf = K.pack(srcs, out=arena[32:])
+    _assert_entries(buf, layout, [_bytes(s) for s in srcs])
+    _assert_untouched(arena[:32])
+    _assert_untouched(arena[32 + layout.nbytes :])
+    assert [r[0] for r in builds[-1]].count(_copy._TILED) == 2
+
+    dests = [Dest(tuple(b.shape), dtype, op) for b, op in
+             zip(bases, (lambda t: t.transpose(0, 1), lambda t: t.transpose(1, 2)))]
+    values = [_random_tensor(d.view.shape, dtype) for d in dests]
+    vl = plan_layout(values)
+    K.unpack_into(K.pack_reference(values, vl), vl, [d.view for d in dests])
+    for v, d in zip(values, dests):
+        d.check(v)
+    assert [r[0] for r in builds[-1]].count(_copy._TILED) == 2
+
+
+def test_gpu_a_dropped_table_outlives_a_pending_launch_on_another_stream(monkeypatch):
+    """The cache drops a plan while its launch still waits behind a long kernel on a side
+    stream; freed at once, its table would be reused (and overwritten) before the launch reads
+    it. The copy must still be exact."""
+    K.clear_plan_cache()
+    monkeypatch.setattr(K.ops._PLANS, "capacity", 1)
+    src = _random_tensor((37, 4096), torch.bfloat16).t()
+    layout = plan_layout([src])
+    out = torch.full((layout.nbytes,), CANARY, dtype=torch.uint8, device=CUDA)
+    K.pack([src], out=out)  # plan built and cached on the default stream
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    out.fill_(CANARY)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of device time ahead of the launch
+        K.pack([src], out=out)
+    other = _random_tensor((3, 5), torch.float32).t()
+    K.pack([other])  # evicts the first plan while its launch is pending on `side`
+    assert K.ops._PLANS.pending >= 1
+    junk = [torch.full((1 << 16,), -1, dtype=torch.int64, device=CUDA) for _ in range(64)]
+    side.synchronize()
+    del junk
+    _assert_same_bytes(out[: layout.nbytes], _bytes(src))
+    K.clear_plan_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_launches_on_the_tensors_device():
+    with torch.cuda.device(0):
+        src = _random_tensor((33, 65), torch.float16).to("cuda:1").t()
+        buf = K.pack([src])
+        torch.cuda.synchronize(1)
+    assert buf.device == torch.device("cuda", 1)
+    _assert_same_bytes(buf[: src.numel() * 2].cpu(), _bytes(src).cpu())
+
+
+def test_gpu_threads_on_their_own_streams_share_the_cache():
+    import threading
+
+    K.clear_plan_cache()
+    errors = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                for step in range(20):
+                    srcs = [_random_tensor((8 + i, 256), torch.bfloat16),
+                            _random_tensor((256, 8 + step % 3), torch.float32).t()]
+                    buf = K.pack(srcs)
+                    stream.synchronize()
+                    _assert_entries(buf, plan_layout(srcs), [_bytes(s) for s in srcs])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    K.clear_plan_cache()
