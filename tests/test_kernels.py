@@ -1456,3 +1456,60 @@ def test_kernel_arguments_are_the_slot_bases(plan_builds, device, monkeypatch):
     assert args[1] == out.data_ptr() + 16
     assert args[2:4] == [tensors[0].data_ptr() & ~15, tensors[1].data_ptr() & ~15]
     assert args[4:] == [0] * (len(args) - 4)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _flat(ptr: int = 0, start: int = 0) -> _copy.View:
+    return _copy.View.flat(ptr, start)
+
+
+@pytest.mark.parametrize(
+    ("dst", "n", "esize", "word"),
+    [
+        # a column slice whose rows are 16 bytes at 32-byte strides: 8-byte words
+        (_copy.View(0, (4, 8), (16, 1)), 32, 2, 8),
+        # the same slice 2 bytes past alignment: 2-byte words (an 8-byte access would be
+        # misaligned: the interpreter would not notice, a GPU faults)
+        (_copy.View(2, (4, 8), (16, 1)), 32, 2, 2),
+        # a piece starting 6 bytes into the view
+        (_copy.View(0, (4, 8), (16, 1), start=3), 8, 2, 2),
+        # a piece of 6 bytes (ends mid-word)
+        (_copy.View(0, (4, 8), (16, 1)), 3, 2, 2),
+        # rows 20 bytes apart: 4-byte words
+        (_copy.View(0, (4, 8), (10, 1)), 32, 2, 4),
+        # a step slice: no two elements adjacent, one element per word
+        (_copy.View(0, (4, 8), (16, 2)), 32, 2, 2),
+        # 1-byte elements in 4-byte rows at 12-byte strides
+        (_copy.View(0, (5, 4), (12, 1)), 20, 1, 4),
+    ],
+    ids=["aligned_rows", "misaligned_ptr", "piece_start", "piece_length", "row_stride",
+         "step", "bytes"],
+)
+def test_the_word_is_the_widest_every_side_and_piece_allows(dst, n, esize, word):
+    (row,) = _copy.segment_rows(_flat(), dst, n, esize)
+    assert row[0] == _copy._STRIDED and 1 << row[1] == word
+    assert row[2] * word == n * esize  # the words cover the piece exactly
+    (row,) = _copy.segment_rows(dst, _flat(), n, esize)  # the same rule on the source side
+    assert 1 << row[1] == word
+
+
+def test_contiguous_copies_move_16_byte_vectors_then_a_tail():
+    rows = _copy.segment_rows(_flat(16), _flat(32), 25, 4)  # 100 bytes, both aligned
+    assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._VEC, 2, 24), (_copy._STRIDED, 2, 1)]
+    rows = _copy.segment_rows(_flat(16), _flat(40), 8, 4)  # dst only 8-byte aligned
+    assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._STRIDED, 3, 4)]
+    assert _copy.segment_rows(_flat(), _flat(), 0, 4) == []
+
+
+def test_plan_cache_holds_exactly_its_capacity():
+    cache = _copy.PlanCache(capacity=2)
+    plans = [_FakePlan() for _ in range(3)]
+    for i, p in enumerate(plans):
+        cache.put(i, p)
+    assert len(cache) == 2 and cache.get(0) is None
+    assert cache.get(1) is plans[1] and cache.get(2) is plans[2]
+    cache.get(1)  # most recently used now
+    cache.put(3, _FakePlan())
+    assert cache.get(2) is None and cache.get(1) is plans[1]
