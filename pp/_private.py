@@ -39,8 +39,7 @@ def _self_check() -> tuple[int, int] | None:
         with_storage = _counts(t)
         del s
         after = _counts(t)
-        if (with_view[0] == base[0] + 1 and with_storage[1] == base[1] + 1
-                and after == base):
+        if with_view[0] == base[0] + 1 and with_storage[1] == base[1] + 1 and after == base:
             return base
     except Exception:  # noqa: BLE001 - any surprise: never reuse
         pass

@@ -33,8 +33,10 @@ def _peer(group: dist.ProcessGroup, rank: int | None, step: int, what: str) -> i
     if rank is None:
         return (me + step) % world
     if type(rank) is not int or not 0 <= rank < world or rank == me:
-        raise ValueError(f"{what} {rank!r} is not another rank of the group: it has {world} "
-                         f"ranks and this is rank {me}")
+        raise ValueError(
+            f"{what} {rank!r} is not another rank of the group: it has {world} "
+            f"ranks and this is rank {me}"
+        )
     return rank
 
 
@@ -59,23 +61,41 @@ def isend_tensor_dict(
     handle completes once the peer received the hop, and nobody has to wait on it (a
     background reaper does; :func:`pipepack.pp.flush` waits for all of them).
     """
-    return _send(tensor_dict, dst, group=group, cpu_group=cpu_group,
-                 all_gather_group=all_gather_group, all_gather_tensors=all_gather_tensors,
-                 allow_pickle=allow_pickle, blocking=False)
+    return _send(
+        tensor_dict,
+        dst,
+        group=group,
+        cpu_group=cpu_group,
+        all_gather_group=all_gather_group,
+        all_gather_tensors=all_gather_tensors,
+        allow_pickle=allow_pickle,
+        blocking=False,
+    )
 
 
-def _send(tensor_dict: Mapping[str, Any], dst: int | None, *, blocking: bool,
-          group: dist.ProcessGroup | None = None, cpu_group: dist.ProcessGroup | None = None,
-          all_gather_group: dist.ProcessGroup | None = None,
-          all_gather_tensors: Mapping[str, bool] | None = None, allow_pickle: bool = False
-          ) -> Any:
+def _send(
+    tensor_dict: Mapping[str, Any],
+    dst: int | None,
+    *,
+    blocking: bool,
+    group: dist.ProcessGroup | None = None,
+    cpu_group: dist.ProcessGroup | None = None,
+    all_gather_group: dist.ProcessGroup | None = None,
+    all_gather_tensors: Mapping[str, bool] | None = None,
+    allow_pickle: bool = False,
+) -> Any:
     group, cpu_group = resolve_groups(group, cpu_group)
     if dist.get_world_size(group) == 1:
         return tensor_dict if blocking else []
     dst = _peer(group, dst, 1, "dst")
     link = get_link(group, cpu_group, dst)
-    enc = codec.encode(tensor_dict, allow_pickle=allow_pickle, limits=DEFAULT_LIMITS,
-                       tp=tp_of(all_gather_group), all_gather_tensors=all_gather_tensors)
+    enc = codec.encode(
+        tensor_dict,
+        allow_pickle=allow_pickle,
+        limits=DEFAULT_LIMITS,
+        tp=tp_of(all_gather_group),
+        all_gather_tensors=all_gather_tensors,
+    )
     if blocking:
         link.send_blocking(enc, chunk_bytes=DEFAULT_CHUNK_BYTES)
         return None
@@ -105,8 +125,13 @@ def irecv_tensor_dict(
         return None, [], []
     src = _peer(group, src, -1, "src")
     link = get_link(group, cpu_group, src)
-    opts = RecvOptions(allow_pickle=allow_pickle, limits=DEFAULT_LIMITS,
-                       tp=tp_of(all_gather_group), check=None, timeout=None)
+    opts = RecvOptions(
+        allow_pickle=allow_pickle,
+        limits=DEFAULT_LIMITS,
+        tp=tp_of(all_gather_group),
+        check=None,
+        timeout=None,
+    )
     return link.advance(link.post(opts))
 
 

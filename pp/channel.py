@@ -32,8 +32,15 @@ from .link import (
 from .transport import Handle
 from .wire.limits import DEFAULT_LIMITS, Limits, WireError
 
-__all__ = ["TensorDictChannel", "Declared", "PendingRecv", "DEFAULT_SLOT_BYTES",
-           "DEFAULT_CHUNK_BYTES", "tp_of", "resolve_groups"]
+__all__ = [
+    "TensorDictChannel",
+    "Declared",
+    "PendingRecv",
+    "DEFAULT_SLOT_BYTES",
+    "DEFAULT_CHUNK_BYTES",
+    "tp_of",
+    "resolve_groups",
+]
 
 DEFAULT_SLOT_BYTES = DEFAULT_HEAD_BYTES
 
@@ -58,8 +65,12 @@ class Declared:
     max_tokens: int | None = None
 
     @staticmethod
-    def from_example(example: Mapping[str, Any], *, dynamic: Sequence[str] | None = None,
-                     max_tokens: int | None = None) -> Declared:
+    def from_example(
+        example: Mapping[str, Any],
+        *,
+        dynamic: Sequence[str] | None = None,
+        max_tokens: int | None = None,
+    ) -> Declared:
         """Declares ``example``'s keys, dtypes, devices and trailing dims.
 
         Dim 0 of the tensors named in ``dynamic`` (default: every tensor with a dim) is the
@@ -94,52 +105,66 @@ class Declared:
         """Like :meth:`check`, on ``(key, (dtype, shape, device_type) or None, value)``."""
         fields = self.fields
         if len(items) != len(fields) or any(it[0] != f[0] for it, f in zip(items, fields)):
-            raise ValueError(f"{side}keys {[it[0] for it in items]} do not match the declared "
-                             f"keys {[k for k, _ in fields]}")
+            raise ValueError(
+                f"{side}keys {[it[0] for it in items]} do not match the declared "
+                f"keys {[k for k, _ in fields]}"
+            )
         tokens = None
         for (k, spec), (_, got, v) in zip(fields, items):
             if _is_spec(spec):
                 dtype, shape, dev = spec
                 if got is None:
-                    raise TypeError(f"{side}key {k!r}: declared a tensor, got "
-                                    f"{type(v).__name__}")
+                    raise TypeError(f"{side}key {k!r}: declared a tensor, got {type(v).__name__}")
                 vdtype, vshape, vdev = got
                 if vdtype != dtype or vdev != dev or len(vshape) != len(shape):
-                    raise ValueError(f"{side}key {k!r}: {vdtype} {vshape} on {vdev} "
-                                     f"does not match the declared {dtype} {shape} on {dev}")
+                    raise ValueError(
+                        f"{side}key {k!r}: {vdtype} {vshape} on {vdev} "
+                        f"does not match the declared {dtype} {shape} on {dev}"
+                    )
                 for i, (a, b) in enumerate(zip(vshape, shape)):
                     if b is None:
                         if tokens is None:
                             tokens = a
                         elif a != tokens:
-                            raise ValueError(f"{side}key {k!r}: dim {i} is {a} but another key "
-                                             f"has {tokens} tokens")
+                            raise ValueError(
+                                f"{side}key {k!r}: dim {i} is {a} but another key "
+                                f"has {tokens} tokens"
+                            )
                     elif a != b:
-                        raise ValueError(f"{side}key {k!r}: shape {vshape} does not match the "
-                                         f"declared {shape}")
+                        raise ValueError(
+                            f"{side}key {k!r}: shape {vshape} does not match the declared {shape}"
+                        )
             elif got is not None:
-                raise ValueError(f"{side}key {k!r}: a tensor differs from the declared "
-                                 f"constant {spec!r}")
+                raise ValueError(
+                    f"{side}key {k!r}: a tensor differs from the declared constant {spec!r}"
+                )
             elif not (type(v) is type(spec) and v == spec):
-                raise ValueError(f"{side}key {k!r}: value {v!r} differs from the declared "
-                                 f"constant {spec!r}")
+                raise ValueError(
+                    f"{side}key {k!r}: value {v!r} differs from the declared constant {spec!r}"
+                )
         tokens = 0 if tokens is None else tokens
         if self.max_tokens is not None and tokens > self.max_tokens:
-            raise ValueError(f"{side}{tokens} tokens exceed the declared max_tokens="
-                             f"{self.max_tokens}")
+            raise ValueError(
+                f"{side}{tokens} tokens exceed the declared max_tokens={self.max_tokens}"
+            )
         return tokens
 
 
-def resolve_groups(group: dist.ProcessGroup | None, cpu_group: dist.ProcessGroup | None
-                   ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+def resolve_groups(
+    group: dist.ProcessGroup | None, cpu_group: dist.ProcessGroup | None
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: pipepack has no peer to send "
-                           "to or receive from (call init_process_group first)")
+        raise RuntimeError(
+            "torch.distributed is not initialised: pipepack has no peer to send "
+            "to or receive from (call init_process_group first)"
+        )
     group = dist.group.WORLD if group is None else group
     if cpu_group is None:
         if not transport.is_gloo(group):
-            raise ValueError("cpu_group (a gloo group) is required when group is not gloo: it "
-                             "carries the header and CPU tensors")
+            raise ValueError(
+                "cpu_group (a gloo group) is required when group is not gloo: it "
+                "carries the header and CPU tensors"
+            )
         cpu_group = group
     return group, cpu_group
 
@@ -172,8 +197,9 @@ class PendingRecv:
     def seq(self) -> int:
         return self._inc.seq
 
-    def posted(self, timeout: float | None = None
-               ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
+    def posted(
+        self, timeout: float | None = None
+    ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
         """Reads the head and posts the payload receives: vLLM's ``(dict, handles, post)``."""
         return self._link.advance(self._inc, timeout)
 
@@ -209,19 +235,32 @@ class PendingRecv:
             storage = d[keys[0]].untyped_storage()
             buf = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
             entries = tuple(
-                Entry(d[k].dtype, tuple(d[k].shape), d[k].storage_offset() * d[k].element_size(),
-                      d[k].numel() * d[k].element_size()) for k in keys)
+                Entry(
+                    d[k].dtype,
+                    tuple(d[k].shape),
+                    d[k].storage_offset() * d[k].element_size(),
+                    d[k].numel() * d[k].element_size(),
+                )
+                for k in keys
+            )
             unpack_into(buf, Layout(entries, buf.numel()), [outs[k] for k in keys], names=keys)
         for k in outs:
             v, t = outs[k], d[k]
             d[k] = v if tuple(v.shape) == tuple(t.shape) else v[: t.shape[0]]
         return d
 
-    def wait_add_rmsnorm(self, weight: torch.Tensor, eps: float, *, order: str = "vllm",
-                         hidden: str = "hidden_states", residual: str = "residual",
-                         out: torch.Tensor | None = None,
-                         residual_out: torch.Tensor | None = None,
-                         timeout: float | None = None) -> dict:
+    def wait_add_rmsnorm(
+        self,
+        weight: torch.Tensor,
+        eps: float,
+        *,
+        order: str = "vllm",
+        hidden: str = "hidden_states",
+        residual: str = "residual",
+        out: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None,
+        timeout: float | None = None,
+    ) -> dict:
         """Waits, then runs the next stage's first op on the hop's own bytes.
 
         ``residual = hidden + residual; hidden = rmsnorm(residual) * weight`` in one
@@ -240,10 +279,26 @@ class PendingRecv:
         if h.untyped_storage().data_ptr() != r.untyped_storage().data_ptr():
             raise ValueError(f"keys {hidden!r} and {residual!r} do not lie in one receive buffer")
         buf = torch.empty(0, dtype=torch.uint8, device=h.device).set_(h.untyped_storage())
-        entries = tuple(Entry(t.dtype, tuple(t.shape), t.storage_offset() * t.element_size(),
-                              t.numel() * t.element_size()) for t in (h, r))
-        o, ro = unpack_add_rmsnorm(buf, Layout(entries, buf.numel()), 0, 1, weight, eps,
-                                   order=order, out=out, residual_out=residual_out)
+        entries = tuple(
+            Entry(
+                t.dtype,
+                tuple(t.shape),
+                t.storage_offset() * t.element_size(),
+                t.numel() * t.element_size(),
+            )
+            for t in (h, r)
+        )
+        o, ro = unpack_add_rmsnorm(
+            buf,
+            Layout(entries, buf.numel()),
+            0,
+            1,
+            weight,
+            eps,
+            order=order,
+            out=out,
+            residual_out=residual_out,
+        )
         d[hidden], d[residual] = o, ro
         return d
 
@@ -298,21 +353,31 @@ class TensorDictChannel:
         transport: str | None = None,
     ) -> None:
         if transport == "cuda_ipc":
-            raise NotImplementedError("transport='cuda_ipc' (device memory shared between two "
-                                      "processes) is not built yet; 'auto' uses the same-host "
-                                      "ring for CPU payloads and the device group for CUDA ones")
+            raise NotImplementedError(
+                "transport='cuda_ipc' (device memory shared between two "
+                "processes) is not built yet; 'auto' uses the same-host "
+                "ring for CPU payloads and the device group for CUDA ones"
+            )
         if transport is not None and transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.group, self.cpu_group = resolve_groups(group, cpu_group)
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         if type(peer) is not int or not 0 <= peer < world or peer == me:
-            raise ValueError(f"peer (dst/src) {peer!r} is not another rank of the group: it has "
-                             f"{world} ranks and this is rank {me}")
+            raise ValueError(
+                f"peer (dst/src) {peer!r} is not another rank of the group: it has "
+                f"{world} ranks and this is rank {me}"
+            )
         if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % 16):
             raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
         self.peer = peer
-        self.link = get_link(self.group, self.cpu_group, peer, head_bytes=slot_bytes,
-                             timeout=timeout, transport=transport)
+        self.link = get_link(
+            self.group,
+            self.cpu_group,
+            peer,
+            head_bytes=slot_bytes,
+            timeout=timeout,
+            transport=transport,
+        )
         self.peer_global = self.link.peer_global
         self.all_gather_group = all_gather_group
         self.all_gather_tensors = dict(all_gather_tensors or {})
@@ -329,21 +394,33 @@ class TensorDictChannel:
         """Posts the hop and returns at once; the handle completes once the peer took it."""
         if self.declared is not None:
             if not isinstance(tensor_dict, Mapping):
-                raise TypeError("expected a dict of tensors and plain values, got "
-                                f"{type(tensor_dict).__name__}")
+                raise TypeError(
+                    f"expected a dict of tensors and plain values, got {type(tensor_dict).__name__}"
+                )
             self.declared.check(tensor_dict)
-        enc = codec.encode(tensor_dict, allow_pickle=self.allow_pickle, limits=self.limits,
-                           tp=self._tp, all_gather_tensors=self.all_gather_tensors)
+        enc = codec.encode(
+            tensor_dict,
+            allow_pickle=self.allow_pickle,
+            limits=self.limits,
+            tp=self._tp,
+            all_gather_tensors=self.all_gather_tensors,
+        )
         return [self.link.send(enc, chunk_bytes=self.chunk_bytes, timeout=self.timeout)]
 
     def send(self, tensor_dict: Mapping[str, Any], timeout: float | None = None) -> None:
         """Blocking send: returns once the transport has taken the bytes; raises on failure."""
         if self.declared is not None:
             self.declared.check(tensor_dict)
-        enc = codec.encode(tensor_dict, allow_pickle=self.allow_pickle, limits=self.limits,
-                           tp=self._tp, all_gather_tensors=self.all_gather_tensors)
-        self.link.send_blocking(enc, chunk_bytes=self.chunk_bytes,
-                                timeout=self.timeout if timeout is None else timeout)
+        enc = codec.encode(
+            tensor_dict,
+            allow_pickle=self.allow_pickle,
+            limits=self.limits,
+            tp=self._tp,
+            all_gather_tensors=self.all_gather_tensors,
+        )
+        self.link.send_blocking(
+            enc, chunk_bytes=self.chunk_bytes, timeout=self.timeout if timeout is None else timeout
+        )
 
     @property
     def transport(self) -> str:
@@ -364,10 +441,18 @@ class TensorDictChannel:
             def check(items: list, declared=declared, num_tokens=num_tokens) -> None:
                 tokens = declared.check_items(items, side="the peer's hop: ")
                 if num_tokens is not None and tokens != num_tokens:
-                    raise WireError(f"the peer's hop has {tokens} tokens, this receive was "
-                                    f"posted for {num_tokens}")
-        return RecvOptions(allow_pickle=self.allow_pickle, limits=self.limits, tp=self._tp,
-                           check=check, timeout=self.timeout)
+                    raise WireError(
+                        f"the peer's hop has {tokens} tokens, this receive was "
+                        f"posted for {num_tokens}"
+                    )
+
+        return RecvOptions(
+            allow_pickle=self.allow_pickle,
+            limits=self.limits,
+            tp=self._tp,
+            check=check,
+            timeout=self.timeout,
+        )
 
     def irecv(self, num_tokens: int | None = None) -> PendingRecv:
         """Posts the next receive and returns at once; ``wait()`` on the result gives the dict.

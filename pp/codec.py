@@ -58,8 +58,13 @@ class Encoded:
     tokens: int | None = None
 
 
-def _part(device_type: str, index: list[int], specs: list[tuple[torch.dtype, tuple]],
-          sliced: list[bool], world: int) -> Part:
+def _part(
+    device_type: str,
+    index: list[int],
+    specs: list[tuple[torch.dtype, tuple]],
+    sliced: list[bool],
+    world: int,
+) -> Part:
     layout = Layout.from_specs(specs)
     if any(sliced):
         wire_layout = layout.sliced(world, sliced)
@@ -73,8 +78,9 @@ _PART_CACHE: dict[tuple, Part] = {}
 _PART_LOCK = threading.Lock()
 
 
-def part_for(device_type: str, index: tuple[int, ...], specs: tuple, sliced: tuple,
-             world: int) -> Part:
+def part_for(
+    device_type: str, index: tuple[int, ...], specs: tuple, sliced: tuple, world: int
+) -> Part:
     key = (device_type, index, specs, sliced, world)
     p = _PART_CACHE.get(key)
     if p is None:
@@ -88,21 +94,30 @@ def part_for(device_type: str, index: tuple[int, ...], specs: tuple, sliced: tup
 
 def _check_tensor(t: torch.Tensor, key: str, limits: Limits) -> None:
     if t.layout != torch.strided:
-        raise TypeError(f"key {key!r}: {t.layout} tensors cannot be packed; send a dense "
-                        "(strided) tensor")
+        raise TypeError(
+            f"key {key!r}: {t.layout} tensors cannot be packed; send a dense (strided) tensor"
+        )
     if t.is_nested:
-        raise TypeError(f"key {key!r}: nested tensors cannot be packed; send a dense (strided) "
-                        "tensor")
+        raise TypeError(
+            f"key {key!r}: nested tensors cannot be packed; send a dense (strided) tensor"
+        )
     if t.dim() > limits.max_ndim:
         raise ValueError(f"key {key!r}: {t.dim()} dims, more than max_ndim={limits.max_ndim}")
     nbytes = t.numel() * t.element_size()
     if nbytes > limits.max_payload_bytes:
-        raise ValueError(f"key {key!r}: {nbytes} bytes, more than max_payload_bytes="
-                         f"{limits.max_payload_bytes}")
+        raise ValueError(
+            f"key {key!r}: {nbytes} bytes, more than max_payload_bytes={limits.max_payload_bytes}"
+        )
 
 
-def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP | None,
-           all_gather_tensors: Mapping[str, bool] | None) -> Encoded:
+def encode(
+    d: Mapping[str, Any],
+    *,
+    allow_pickle: bool,
+    limits: Limits,
+    tp: TP | None,
+    all_gather_tensors: Mapping[str, bool] | None,
+) -> Encoded:
     if not isinstance(d, Mapping):
         raise TypeError(f"expected a dict of tensors and plain values, got {type(d).__name__}")
     keys_b: list[bytes] = []
@@ -122,8 +137,7 @@ def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP |
         except UnicodeEncodeError as e:
             raise ValueError(f"key {k!r}: not valid utf-8 ({e.reason})") from None
         if len(kb) > limits.max_key_bytes:
-            raise ValueError(f"key {k[:40]!r}...: longer than max_key_bytes="
-                             f"{limits.max_key_bytes}")
+            raise ValueError(f"key {k[:40]!r}...: longer than max_key_bytes={limits.max_key_bytes}")
         keys_b.append(kb)
         if isinstance(v, torch.Tensor):
             _check_tensor(v, k, limits)
@@ -133,8 +147,9 @@ def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP |
         else:
             kinds.append(False)
             n0 = len(nested)
-            b, n_items, p = values.encode_value(v, nested, key=k, allow_pickle=allow_pickle,
-                                                max_depth=limits.max_depth)
+            b, n_items, p = values.encode_value(
+                v, nested, key=k, allow_pickle=allow_pickle, max_depth=limits.max_depth
+            )
             for t in nested[n0:]:
                 _check_tensor(t, k, limits)
                 nested_keys.append(k)
@@ -143,15 +158,19 @@ def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP |
             pickled |= p
     n_tensors = len(top) + len(nested)
     if len(keys_b) + n_tensors > limits.max_entries:
-        raise ValueError(f"{len(keys_b)} keys and {n_tensors} tensors exceed max_entries="
-                         f"{limits.max_entries}")
+        raise ValueError(
+            f"{len(keys_b)} keys and {n_tensors} tensors exceed max_entries={limits.max_entries}"
+        )
     if items > limits.max_items:
-        raise ValueError(f"plain values hold {items} container items, more than max_items="
-                         f"{limits.max_items}")
+        raise ValueError(
+            f"plain values hold {items} container items, more than max_items={limits.max_items}"
+        )
     values_b = b"".join(vals)
     if len(values_b) > limits.max_plain_bytes:
-        raise ValueError(f"plain values encode to {len(values_b)} bytes, more than "
-                         f"max_plain_bytes={limits.max_plain_bytes}")
+        raise ValueError(
+            f"plain values encode to {len(values_b)} bytes, more than "
+            f"max_plain_bytes={limits.max_plain_bytes}"
+        )
     tensors = top + nested
     names = top_keys + nested_keys
     world = tp.world if tp is not None else 1
@@ -161,9 +180,13 @@ def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP |
     any_sliced = False
     for i, (t, k) in enumerate(zip(tensors, names)):
         dev = t.device.type
-        s = (i < len(top) and world > 1 and dev == tp.device_type
-             and t.numel() % world == 0
-             and (all_gather_tensors is None or all_gather_tensors.get(k, True)))
+        s = (
+            i < len(top)
+            and world > 1
+            and dev == tp.device_type
+            and t.numel() % world == 0
+            and (all_gather_tensors is None or all_gather_tensors.get(k, True))
+        )
         any_sliced |= s
         descs.append(hop.tensor_desc_code(t, s, k))
         dims.extend(t.shape)
@@ -173,13 +196,17 @@ def encode(d: Mapping[str, Any], *, allow_pickle: bool, limits: Limits, tp: TP |
         e[2].append(s)
     accel = [dv for dv in by_dev if dv not in ("cpu", "meta")]
     if len(accel) > 1:
-        raise ValueError(f"tensors on {sorted(accel)}: one hop carries at most one accelerator "
-                         "device type besides cpu")
+        raise ValueError(
+            f"tensors on {sorted(accel)}: one hop carries at most one accelerator "
+            "device type besides cpu"
+        )
     if accel:
         devs = {t.device for t in tensors if t.device.type == accel[0]}
         if len(devs) > 1:
-            raise ValueError(f"tensors on {sorted(map(str, devs))}: one hop's {accel[0]} tensors "
-                             "must share one device")
+            raise ValueError(
+                f"tensors on {sorted(map(str, devs))}: one hop's {accel[0]} tensors "
+                "must share one device"
+            )
     body = hop.encode_body(keys_b, kinds, descs, dims, values_b)
     parts = {}
     sources = {}
@@ -233,8 +260,10 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
                 for x in schema.tensors[i].shape:
                     numel *= x
                 if s and (tp_world <= 1 or numel % tp_world):
-                    raise WireError(f"header: tensor {i} is sliced but its {numel} elements do "
-                                    f"not divide by the sender's all-gather size {tp_world}")
+                    raise WireError(
+                        f"header: tensor {i} is sliced but its {numel} elements do "
+                        f"not divide by the sender's all-gather size {tp_world}"
+                    )
         parts[dev] = part_for(dev, tuple(index), tuple(specs), tuple(sliced), tp_world)
     dec = _Decoded(schema, parts)
     with _MEMO_LOCK:
@@ -250,22 +279,32 @@ def header_parts(frame: hop.Frame, body: bytes, limits: Limits) -> _Decoded:
     cpu = dec.parts.get("cpu")
     n = cpu.wire_layout.nbytes if cpu is not None else 0
     if n != frame.cpu_nbytes:
-        raise WireError(f"the frame announces {frame.cpu_nbytes} bytes of cpu payload, the "
-                        f"shapes need {n}")
+        raise WireError(
+            f"the frame announces {frame.cpu_nbytes} bytes of cpu payload, the shapes need {n}"
+        )
     accel = [p for d, p in dec.parts.items() if d not in ("cpu", "meta")]
     if len(accel) > 1:
         raise WireError("header: more than one accelerator device type")
     dn = accel[0].wire_layout.nbytes if accel else 0
     dt = accel[0].device_type if accel else None
     if dn != frame.dev_nbytes or (dn and dt != frame.dev_type):
-        raise WireError(f"the frame announces {frame.dev_nbytes} bytes of {frame.dev_type} "
-                        f"payload, the shapes need {dn} bytes of {dt}")
+        raise WireError(
+            f"the frame announces {frame.dev_nbytes} bytes of {frame.dev_type} "
+            f"payload, the shapes need {dn} bytes of {dt}"
+        )
     return dec
 
 
-def decode(frame: hop.Frame, body: bytes, dec: _Decoded, buffers: Mapping[str, torch.Tensor],
-           *, allow_pickle: bool, limits: Limits, tp: TP | None
-           ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
+def decode(
+    frame: hop.Frame,
+    body: bytes,
+    dec: _Decoded,
+    buffers: Mapping[str, torch.Tensor],
+    *,
+    allow_pickle: bool,
+    limits: Limits,
+    tp: TP | None,
+) -> tuple[dict[str, Any], list[Callable[[], None]]]:
     """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly)."""
     schema = dec.schema
     if frame.flags & hop.F_PICKLED and not allow_pickle:
@@ -273,8 +312,10 @@ def decode(frame: hop.Frame, body: bytes, dec: _Decoded, buffers: Mapping[str, t
     if frame.tp_world > 1:
         if tp is None or tp.world != frame.tp_world:
             have = "no all_gather_group" if tp is None else f"an all_gather_group of {tp.world}"
-            raise WireError(f"the sender sliced tensors for an all-gather over {frame.tp_world} "
-                            f"ranks, but this receiver has {have}")
+            raise WireError(
+                f"the sender sliced tensors for an all-gather over {frame.tp_world} "
+                f"ranks, but this receiver has {have}"
+            )
     views: list[Any] = [None] * len(schema.tensors)
     post: list[Callable[[], None]] = []
     for dev, p in dec.parts.items():
@@ -289,8 +330,10 @@ def decode(frame: hop.Frame, body: bytes, dec: _Decoded, buffers: Mapping[str, t
             views[p.index[j]] = wire_views[w]
         if any(p.sliced):
             if tp.device_type != dev:
-                raise WireError(f"the sender sliced {dev} tensors, this receiver's all-gather "
-                                f"group carries {tp.device_type}")
+                raise WireError(
+                    f"the sender sliced {dev} tensors, this receiver's all-gather "
+                    f"group carries {tp.device_type}"
+                )
             post.append(_reassembler(views, p, buf, tp))
     out: dict[str, Any] = {}
     vb = body
@@ -305,11 +348,19 @@ def decode(frame: hop.Frame, body: bytes, dec: _Decoded, buffers: Mapping[str, t
             ti += 1
         else:
             out[k], pos, items, next_t = values.decode_value(
-                vb, pos, items=items, max_depth=limits.max_depth, allow_pickle=allow_pickle,
-                tensor=lambda i: views[n_top + i], first_tensor=next_t)
+                vb,
+                pos,
+                items=items,
+                max_depth=limits.max_depth,
+                allow_pickle=allow_pickle,
+                tensor=lambda i: views[n_top + i],
+                first_tensor=next_t,
+            )
     if pos != len(vb) or n_top + next_t != len(schema.tensors):
-        raise WireError(f"header: values end at {pos} of {len(vb)} bytes, with {next_t} of "
-                        f"{len(schema.tensors) - n_top} nested tensors referenced")
+        raise WireError(
+            f"header: values end at {pos} of {len(vb)} bytes, with {next_t} of "
+            f"{len(schema.tensors) - n_top} nested tensors referenced"
+        )
     for k, is_t in zip(schema.keys, schema.is_tensor):
         if is_t:
             out[k] = views[out[k]]
@@ -332,6 +383,7 @@ def _reassembler(views: list, p: Part, buf: torch.Tensor, tp: TP) -> Callable[[]
         full = reassemble(gathered, p.layout, sliced=p.sliced, part=buf)
         for j, t in enumerate(full):
             views[p.index[j]] = t
+
     return run
 
 

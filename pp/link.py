@@ -44,13 +44,19 @@ from pipepack.kernels import pack
 
 from . import codec, transport
 from .pool import BufferPool
-from .transport import DATA_TAG, HEAD_TAG, HELLO_TAG, REAPER, Handle
+from .transport import DATA_TAG, HEAD_TAG, HELLO_TAG, REAPER, Handle, group_rank
 from .wire import hop
 from .wire.hop import FRAME_BYTES, align16
 from .wire.limits import Limits, WireError
 
-__all__ = ["Link", "get_link", "reset_links", "DEFAULT_HEAD_BYTES", "DEFAULT_CHUNK_BYTES",
-           "host_identity"]
+__all__ = [
+    "Link",
+    "get_link",
+    "reset_links",
+    "DEFAULT_HEAD_BYTES",
+    "DEFAULT_CHUNK_BYTES",
+    "host_identity",
+]
 
 DEFAULT_HEAD_BYTES = (2 << 20) + (64 << 10)
 """Capacity of each head receive: a hop with up to ~2 MiB of CPU payload is one message."""
@@ -97,8 +103,15 @@ class RecvOptions:
 
     __slots__ = ("allow_pickle", "limits", "tp", "check", "timeout")
 
-    def __init__(self, *, allow_pickle: bool, limits: Limits, tp: codec.TP | None,
-                 check: Callable[[list], None] | None, timeout: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        allow_pickle: bool,
+        limits: Limits,
+        tp: codec.TP | None,
+        check: Callable[[list], None] | None,
+        timeout: float | None,
+    ) -> None:
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.tp = tp
@@ -107,20 +120,34 @@ class RecvOptions:
 
 
 class Link:
-    def __init__(self, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
-                 head_bytes: int = DEFAULT_HEAD_BYTES, timeout: float | None = None,
-                 transport: str = "auto") -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        cpu_group: dist.ProcessGroup,
+        peer: int,
+        *,
+        head_bytes: int = DEFAULT_HEAD_BYTES,
+        timeout: float | None = None,
+        transport: str = "auto",
+    ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if head_bytes < MIN_HEAD_BYTES or head_bytes % 16 or head_bytes >= 1 << 32:
-            raise ValueError(f"slot_bytes (head capacity) must be a multiple of 16 in "
-                             f"[{MIN_HEAD_BYTES}, 4 GiB), got {head_bytes}")
+            raise ValueError(
+                f"slot_bytes (head capacity) must be a multiple of 16 in "
+                f"[{MIN_HEAD_BYTES}, 4 GiB), got {head_bytes}"
+            )
         self._group = weakref.ref(group)
         self._cpu_group = weakref.ref(cpu_group)
         self.cpu_is_device_group = cpu_group is group
         self.peer = peer
         self.peer_global = dist.get_global_rank(group, peer)
         self.me = dist.get_rank(group)
+        # the peer's rank in each group, for posting straight to the process group
+        self._gpeer = peer if hasattr(group, "send") else None
+        self._cpeer = (
+            group_rank(cpu_group, self.peer_global) if hasattr(cpu_group, "send") else None
+        )
         self.head_bytes = head_bytes
         self.timeout = timeout
         self.transport = transport
@@ -161,16 +188,18 @@ class Link:
     def group(self) -> dist.ProcessGroup:
         g = self._group()
         if g is None:
-            raise RuntimeError(f"the process group of the link to rank {self.peer_global} was "
-                               "destroyed")
+            raise RuntimeError(
+                f"the process group of the link to rank {self.peer_global} was destroyed"
+            )
         return g
 
     @property
     def cpu_group(self) -> dist.ProcessGroup:
         g = self._cpu_group()
         if g is None:
-            raise RuntimeError(f"the cpu group of the link to rank {self.peer_global} was "
-                               "destroyed")
+            raise RuntimeError(
+                f"the cpu group of the link to rank {self.peer_global} was destroyed"
+            )
         return g
 
     @property
@@ -192,20 +221,34 @@ class Link:
             ring_name = b""
             if self.transport != "dist":
                 ring_name = self._open_ring()
-            mine = _HELLO.pack(_HELLO_MAGIC, hop.VERSION, 0, self.head_bytes, os.getpid(), 0,
-                               host_identity(), len(ring_name)) + ring_name
+            mine = (
+                _HELLO.pack(
+                    _HELLO_MAGIC,
+                    hop.VERSION,
+                    0,
+                    self.head_bytes,
+                    os.getpid(),
+                    0,
+                    host_identity(),
+                    len(ring_name),
+                )
+                + ring_name
+            )
             out = torch.zeros(len(mine), dtype=torch.uint8)
             out.numpy()[:] = np.frombuffer(mine, np.uint8)
             got = torch.zeros(HELLO_BYTES, dtype=torch.uint8)
             what = f"channel setup with {self.name}"
-            works = [transport.isend(out, self.peer_global, self.cpu_group, HELLO_TAG, what),
-                     transport.irecv(got, self.peer_global, self.cpu_group, HELLO_TAG, what)]
+            works = [
+                transport.isend(out, self.peer_global, self.cpu_group, HELLO_TAG, what),
+                transport.irecv(got, self.peer_global, self.cpu_group, HELLO_TAG, what),
+            ]
             handle = Handle(works, [out, got], what=what)
             # counted with the pending sends: flush() and the exit hook wait for it too, so no
             # thread is inside a transfer when the process group is destroyed
             REAPER.add(handle)
-            threading.Thread(target=self._finish_hello, args=(handle, got),
-                             name="pipepack-hello", daemon=True).start()
+            threading.Thread(
+                target=self._finish_hello, args=(handle, got), name="pipepack-hello", daemon=True
+            ).start()
             self._hello_started = True
 
     def _finish_hello(self, handle: Handle, got: torch.Tensor) -> None:
@@ -217,12 +260,16 @@ class Link:
         raw = got.numpy().tobytes()
         magic, version, _, cap, pid, _, host, name_len = _HELLO.unpack_from(raw)
         name = raw[_HELLO.size : _HELLO.size + name_len] if name_len <= 256 else b""
-        if magic != _HELLO_MAGIC or version != hop.VERSION or not (
-                MIN_HEAD_BYTES <= cap < 1 << 32 and cap % 16 == 0):
+        if (
+            magic != _HELLO_MAGIC
+            or version != hop.VERSION
+            or not (MIN_HEAD_BYTES <= cap < 1 << 32 and cap % 16 == 0)
+        ):
             self.hello_error = WireError(
                 f"channel setup with {self.name}: the peer sent {magic!r} version {version} with "
                 f"a head capacity of {cap}; this side speaks {_HELLO_MAGIC!r} version "
-                f"{hop.VERSION}")
+                f"{hop.VERSION}"
+            )
             return
         self.peer_pid = pid
         self.same_host = host == host_identity()
@@ -241,18 +288,19 @@ class Link:
 
         if not shm.available():
             if self.transport == "shm":
-                raise RuntimeError("transport='shm' needs POSIX shared memory, which is not "
-                                   "usable here")
+                raise RuntimeError(
+                    "transport='shm' needs POSIX shared memory, which is not usable here"
+                )
             self.recv_mode = "dist"
             return b""
         try:
             # 4 slots of 1 MiB to start; a slot grows (once) when a hop does not fit
-            self._ring = shm.RecvRing(slots=4, slot_bytes=1 << 20, meta_bytes=0,
-                                      max_hop_bytes=self.head_limit_shm)
+            self._ring = shm.RecvRing(
+                slots=4, slot_bytes=1 << 20, meta_bytes=0, max_hop_bytes=self.head_limit_shm
+            )
         except OSError as e:  # e.g. a small /dev/shm in a container
             if self.transport == "shm":
-                raise RuntimeError(f"transport='shm': creating the receive ring failed: {e}") \
-                    from e
+                raise RuntimeError(f"transport='shm': creating the receive ring failed: {e}") from e
             self.recv_mode = "dist"
             return b""
         _RINGS.add(self._ring)
@@ -266,24 +314,27 @@ class Link:
         end = None if timeout is None else time.monotonic() + timeout
         while self.peer_head_bytes is None and self.hello_error is None:
             if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"{self.name} did not answer the channel setup within "
-                                   f"{timeout} s")
+                raise TimeoutError(
+                    f"{self.name} did not answer the channel setup within {timeout} s"
+                )
             time.sleep(0.001)
         if self.hello_error is not None:
             raise RuntimeError(f"channel setup with {self.name} failed: {self.hello_error}")
 
     # ------------------------------------------------------------------ send
 
-    def send_blocking(self, enc: codec.Encoded, *, chunk_bytes: int | None,
-                      timeout: float | None = None) -> None:
+    def send_blocking(
+        self, enc: codec.Encoded, *, chunk_bytes: int | None, timeout: float | None = None
+    ) -> None:
         """Sends one hop and returns once the transport has taken it (raises if it failed)."""
         self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout).wait(timeout)
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
         self.wait_hello(timeout if timeout is not None else self.timeout)
 
-    def send(self, enc: codec.Encoded, *, chunk_bytes: int | None,
-             timeout: float | None = None) -> Handle:
+    def send(
+        self, enc: codec.Encoded, *, chunk_bytes: int | None, timeout: float | None = None
+    ) -> Handle:
         """Packs and posts one hop; returns once every message is posted."""
         self.hello()
         if self._send_failed is not None:
@@ -304,9 +355,11 @@ class Link:
         keep: list[torch.Tensor] = []
         rest = None
         cpu_buf = None
+        head_base = cpu_base = None
         chunk = 0
         if inline_len <= cap:
-            head = self.send_pool.get(inline_len)[:inline_len]
+            head_base = self.send_pool.get(inline_len)
+            head = head_base[:inline_len]
             hn = head.numpy()
             hn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
             if cpu_n:
@@ -322,7 +375,8 @@ class Link:
                 rest = torch.from_numpy(np.frombuffer(body, np.uint8, offset=in_head).copy())
                 keep.append(rest)
             if cpu_n:
-                cpu_buf = self.send_pool.get(cpu_n)[:cpu_n]
+                cpu_base = self.send_pool.get(cpu_n)
+                cpu_buf = cpu_base[:cpu_n]
                 pack(enc.sources["cpu"], out=cpu_buf, layout=cpu.wire_layout)
                 keep.append(cpu_buf)
                 chunk = chunk_bytes if chunk_bytes else cpu_n
@@ -331,34 +385,54 @@ class Link:
         keep.append(head)
         dev_buf, dev_keep, dev_type, dev_n = self._post_device_payload(enc, None)
         keep += dev_keep
-        frame = hop.Frame(flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type,
-                          enc.tp_world, dev_n)
+        frame = hop.Frame(
+            flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type, enc.tp_world, dev_n
+        )
         with self._send_lock:
             if self._send_broken is not None:
-                raise RuntimeError(f"the link to {self.name} is out of step since a send failed "
-                                   f"half-posted ({self._send_broken!r}); recreate the process "
-                                   "group to recover") from self._send_broken
+                raise RuntimeError(
+                    f"the link to {self.name} is out of step since a send failed "
+                    f"half-posted ({self._send_broken!r}); recreate the process "
+                    "group to recover"
+                ) from self._send_broken
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
             hn[:FRAME_BYTES] = np.frombuffer(
-                hop.encode_frame(hop.Frame(flags, seq, *_frame_tail(frame))), np.uint8)
+                hop.encode_frame(hop.Frame(flags, seq, *_frame_tail(frame))), np.uint8
+            )
             works: list[Any] = []
             try:
                 cg = self.cpu_group
-                works.append(transport.isend(head, self.peer_global, cg, HEAD_TAG, what))
+                works.append(
+                    transport.isend(head, self.peer_global, cg, HEAD_TAG, what, self._cpeer)
+                )
                 if rest is not None:
-                    works.append(transport.isend(rest, self.peer_global, cg, DATA_TAG, what))
+                    works.append(
+                        transport.isend(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
+                    )
                 for s, e in frame.cpu_chunks():
-                    works.append(transport.isend(cpu_buf[s:e], self.peer_global, cg, DATA_TAG,
-                                                 what))
+                    works.append(
+                        transport.isend(
+                            cpu_buf[s:e], self.peer_global, cg, DATA_TAG, what, self._cpeer
+                        )
+                    )
                 if dev_n:
-                    works.append(transport.isend(dev_buf, self.peer_global, self.group, 0, what))
+                    works.append(
+                        transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
+                    )
             except BaseException as e:
                 if works:  # part of the hop is on the wire: the peer is out of step
                     self._send_broken = e
                 raise
             self._send_seq += 1
-        handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+        pooled = [b for b in (head_base, cpu_base) if b is not None]
+        handle = Handle(
+            works,
+            keep,
+            what=what,
+            timeout=timeout,
+            on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
+        )
         self._sent.append(handle)
         while self._sent and self._sent[0].done:
             self._sent.popleft()
@@ -375,47 +449,69 @@ class Link:
                 return
             if self._peer_ring_name is None:
                 if self.transport == "shm":
-                    raise RuntimeError(f"transport='shm': {self.name} is not on this host or did "
-                                       "not offer a shared-memory ring")
+                    raise RuntimeError(
+                        f"transport='shm': {self.name} is not on this host or did "
+                        "not offer a shared-memory ring"
+                    )
                 self.send_mode = "dist"
                 return
             try:
                 ring = shm.SendRing(self._peer_ring_name, timeout=self.timeout)
             except Exception as e:  # noqa: BLE001 - no ring: stay on torch.distributed
                 if self.transport == "shm":
-                    raise RuntimeError(f"transport='shm': attaching {self.name}'s ring "
-                                       f"failed: {e}") from e
+                    raise RuntimeError(
+                        f"transport='shm': attaching {self.name}'s ring failed: {e}"
+                    ) from e
                 self.send_mode = "dist"
                 return
             seq = self._send_seq
             what = f"transport switch before send #{seq} to {self.name}"
             head = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
-            head.numpy()[:] = np.frombuffer(hop.encode_frame(
-                hop.Frame(hop.F_SWITCH, seq, FRAME_BYTES, 0, 0, 0, None, 1, 0)), np.uint8)
+            head.numpy()[:] = np.frombuffer(
+                hop.encode_frame(hop.Frame(hop.F_SWITCH, seq, FRAME_BYTES, 0, 0, 0, None, 1, 0)),
+                np.uint8,
+            )
             work = transport.isend(head, self.peer_global, self.cpu_group, HEAD_TAG, what)
             REAPER.add(Handle([work], [head], what=what, timeout=self.timeout))
             self._send_ring = ring
+            _RINGS.add(ring)
             self.send_mode = "shm"
 
-    def _send_shm(self, enc: codec.Encoded, body: bytes, cpu: Any, cpu_n: int, inline_len: int,
-                  timeout: float | None) -> Handle:
+    def _send_shm(
+        self,
+        enc: codec.Encoded,
+        body: bytes,
+        cpu: Any,
+        cpu_n: int,
+        inline_len: int,
+        timeout: float | None,
+    ) -> Handle:
         """One hop as one slot of the peer's ring, packed straight into it."""
         dev_buf, keep, dev_type, dev_n = self._post_device_payload(enc, None)
         with self._send_lock:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
-            r = self._send_ring.reserve(inline_len, timeout if timeout is not None else
-                                        self.timeout, what=what)
+            r = self._send_ring.reserve(
+                inline_len, timeout if timeout is not None else self.timeout, what=what
+            )
             try:
                 slot = r.payload
                 sn = slot.numpy()
-                frame = hop.Frame(enc.flags | hop.F_INLINE, seq, inline_len, len(body), cpu_n, 0,
-                                  dev_type, enc.tp_world, dev_n)
+                frame = hop.Frame(
+                    enc.flags | hop.F_INLINE,
+                    seq,
+                    inline_len,
+                    len(body),
+                    cpu_n,
+                    0,
+                    dev_type,
+                    enc.tp_world,
+                    dev_n,
+                )
                 sn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
                 sn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
                 if cpu_n:
-                    pack(enc.sources["cpu"], out=slot[inline_len - cpu_n :],
-                         layout=cpu.wire_layout)
+                    pack(enc.sources["cpu"], out=slot[inline_len - cpu_n :], layout=cpu.wire_layout)
                 del sn, slot
             except BaseException:
                 self._send_ring.cancel(r)
@@ -431,12 +527,13 @@ class Link:
             REAPER.add(handle)
         return handle
 
-    def _post_device_payload(self, enc: codec.Encoded, packed: Any, *, post: bool = False,
-                             what: str = "") -> Any:
+    def _post_device_payload(
+        self, enc: codec.Encoded, packed: Any, *, post: bool = False, what: str = ""
+    ) -> Any:
         """Packs the accelerator payload (``post=False``) or posts it on the device group."""
         if post:
             buf = packed
-            return [transport.isend(buf, self.peer_global, self.group, 0, what)]
+            return [transport.isend(buf, self.peer_global, self.group, 0, what, self._gpeer)]
         for d, p in enc.parts.items():
             if d in ("cpu", "meta"):
                 continue
@@ -445,14 +542,18 @@ class Link:
             if buf.numel():
                 pack(src, out=buf, layout=p.wire_layout)
             if self.cpu_is_device_group:
-                raise ValueError(f"{d} tensors need a device group (NCCL) beside the gloo "
-                                 "cpu_group; this channel has only a gloo group")
+                raise ValueError(
+                    f"{d} tensors need a device group (NCCL) beside the gloo "
+                    "cpu_group; this channel has only a gloo group"
+                )
             return buf, [buf], d, buf.numel()
         return None, [], None, 0
 
-    def _on_sent(self, h: Handle) -> None:
+    def _on_sent(self, h: Handle, pooled: list | None = None) -> None:
         if h.error is not None and self._send_failed is None:
             self._send_failed = h
+        while pooled:
+            self.send_pool.put(pooled.pop())
 
     def drain(self, timeout: float | None = None) -> None:
         """Waits for every send posted on this link so far; raises a failure."""
@@ -463,9 +564,11 @@ class Link:
 
     def _check_recv_broken(self) -> None:
         if self._recv_broken is not None:
-            raise RuntimeError(f"the link from {self.name} is out of step since a receive failed "
-                               f"({self._recv_broken}); recreate the process group to "
-                               "recover") from self._recv_broken
+            raise RuntimeError(
+                f"the link from {self.name} is out of step since a receive failed "
+                f"({self._recv_broken}); recreate the process group to "
+                "recover"
+            ) from self._recv_broken
 
     def post(self, opts: RecvOptions) -> _Incoming:
         """Posts the next head receive and returns at once."""
@@ -483,8 +586,14 @@ class Link:
     def _post_head(self, inc: _Incoming) -> None:
         inc.buf = self.head_pool.get(self.head_bytes)
         what = f"head of receive #{inc.seq} from {self.name}"
-        work = transport.irecv(inc.buf[: self.head_bytes], self.peer_global, self.cpu_group,
-                               HEAD_TAG, what)
+        work = transport.irecv(
+            inc.buf[: self.head_bytes],
+            self.peer_global,
+            self.cpu_group,
+            HEAD_TAG,
+            what,
+            self._cpeer,
+        )
         inc.handle = Handle([work], [], what=what, timeout=inc.opts.timeout)
 
     def post_async(self, opts: RecvOptions) -> _Incoming:
@@ -495,8 +604,8 @@ class Link:
             self._progress.append(inc)
             if self._progress_thread is None or not self._progress_thread.is_alive():
                 self._progress_thread = threading.Thread(
-                    target=self._run_progress, name=f"pipepack-recv-{self.peer_global}",
-                    daemon=True)
+                    target=self._run_progress, name=f"pipepack-recv-{self.peer_global}", daemon=True
+                )
                 self._progress_thread.start()
             self._progress_cv.notify()
         return inc
@@ -515,15 +624,18 @@ class Link:
                 pass
             del inc
 
-    def advance(self, inc: _Incoming, timeout: float | None = None
-                ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
+    def advance(
+        self, inc: _Incoming, timeout: float | None = None
+    ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
         """Reads heads in order up to ``inc``'s and posts their follow-on receives."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
             if not self._advance_lock.acquire(timeout=-1 if t is None else t):
-                raise TimeoutError(f"receive #{inc.seq} from {self.name} did not complete within "
-                                   f"{t} s (still posted: a later wait() can complete it)")
+                raise TimeoutError(
+                    f"receive #{inc.seq} from {self.name} did not complete within "
+                    f"{t} s (still posted: a later wait() can complete it)"
+                )
             try:
                 while not inc.advanced:
                     self._check_recv_broken()
@@ -532,7 +644,8 @@ class Link:
                     arrival = None
                     if self.recv_mode == "shm":
                         arrival = self._ring.wait(
-                            left, what=f"receive #{front.seq} from {self.name}")
+                            left, what=f"receive #{front.seq} from {self.name}"
+                        )
                     else:
                         if front.handle is None:
                             self._post_head(front)
@@ -568,8 +681,10 @@ class Link:
             return False
         frame = hop.decode_frame(raw, capacity=self.head_bytes, limits=inc.opts.limits)
         if frame.seq != inc.seq or self._ring is None:
-            raise WireError(f"receive #{inc.seq} from {self.name}: a transport switch at hop "
-                            f"#{frame.seq} (ring offered: {self._ring is not None})")
+            raise WireError(
+                f"receive #{inc.seq} from {self.name}: a transport switch at hop "
+                f"#{frame.seq} (ring offered: {self._ring is not None})"
+            )
         self.recv_mode = "shm"
         return True
 
@@ -582,8 +697,10 @@ class Link:
         raw = slot[:FRAME_BYTES].numpy().tobytes()
         frame = hop.decode_frame(raw, capacity=max(n, FRAME_BYTES), limits=inc.opts.limits)
         if not frame.inline or frame.head_len != n:
-            raise WireError(f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
-                            f"holds a frame of {frame.head_len}")
+            raise WireError(
+                f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
+                f"holds a frame of {frame.head_len}"
+            )
         if frame.cpu_nbytes and frame.cpu_nbytes <= _SHM_COPY_OUT:
             copy = self.recv_pool.get(n)[:n]
             transport.copy_bytes(copy, slot)
@@ -592,21 +709,25 @@ class Link:
         inc.buf = head
         self._read(inc, frame=frame, copy_out=False)
 
-    def _read(self, inc: _Incoming, frame: hop.Frame | None = None,
-              copy_out: bool = True) -> None:
+    def _read(self, inc: _Incoming, frame: hop.Frame | None = None, copy_out: bool = True) -> None:
         seq = inc.seq
         opts = inc.opts
         head = inc.buf
         where = f"receive #{seq} from {self.name}"
         try:
             if frame is None:
-                frame = hop.decode_frame(head[:FRAME_BYTES].numpy().tobytes(),
-                                         capacity=self.head_bytes, limits=opts.limits)
+                frame = hop.decode_frame(
+                    head[:FRAME_BYTES].numpy().tobytes(),
+                    capacity=self.head_bytes,
+                    limits=opts.limits,
+                )
         except WireError as e:
             raise WireError(f"{where}: {e}") from None
         if frame.seq != seq:
-            raise WireError(f"{where}: the peer sent hop #{frame.seq} where #{seq} was due (a hop "
-                            "was lost or doubled)")
+            raise WireError(
+                f"{where}: the peer sent hop #{frame.seq} where #{seq} was due (a hop "
+                "was lost or doubled)"
+            )
         # post every follow-on receive from the frame alone, in order
         works = []
         keep = []
@@ -615,7 +736,7 @@ class Link:
         what = f"payload of {where}"
         if frame.body_len > frame.body_in_head:
             rest = torch.empty(frame.body_len - frame.body_in_head, dtype=torch.uint8)
-            rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what)
+            rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
         buffers: dict[str, torch.Tensor] = {}
         if frame.cpu_nbytes:
             if frame.inline:
@@ -628,13 +749,15 @@ class Link:
             else:
                 cpu = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
                 for s, e in frame.cpu_chunks():
-                    works.append(transport.irecv(cpu[s:e], self.peer_global, cg, DATA_TAG, what))
+                    works.append(
+                        transport.irecv(cpu[s:e], self.peer_global, cg, DATA_TAG, what, self._cpeer)
+                    )
                 keep.append(cpu)
             buffers["cpu"] = cpu
         if frame.dev_nbytes:
             dev = torch.device(frame.dev_type, _current_index(frame.dev_type))
             dbuf = torch.empty(frame.dev_nbytes, dtype=torch.uint8, device=dev)
-            works.append(transport.irecv(dbuf, self.peer_global, self.group, 0, what))
+            works.append(transport.irecv(dbuf, self.peer_global, self.group, 0, what, self._gpeer))
             keep.append(dbuf)
             buffers[frame.dev_type] = dbuf
         payload = Handle(works, keep, what=what, timeout=opts.timeout)
@@ -645,21 +768,38 @@ class Link:
         del head, inc.buf  # views of the head (inline payload) keep it; nothing else does
         try:
             dec = codec.header_parts(frame, body, opts.limits)
-            out, post = codec.decode(frame, body, dec, buffers, allow_pickle=opts.allow_pickle,
-                                     limits=opts.limits, tp=opts.tp)
+            out, post = codec.decode(
+                frame,
+                body,
+                dec,
+                buffers,
+                allow_pickle=opts.allow_pickle,
+                limits=opts.limits,
+                tp=opts.tp,
+            )
             if opts.check is not None:
                 opts.check(codec.items_of(dec.schema, out))
         except (WireError, ValueError, TypeError) as e:
             _DROPPED.add(payload)  # receive the rest of the hop anyway: the link stays in step
-            inc.error = type(e)(f"{where} refused: {e}") if isinstance(e, WireError) else \
-                WireError(f"{where} refused: {e}")
+            inc.error = (
+                type(e)(f"{where} refused: {e}")
+                if isinstance(e, WireError)
+                else WireError(f"{where} refused: {e}")
+            )
             return
         inc.result = (out, [payload] if works else [], post)
 
 
 def _frame_tail(f: hop.Frame) -> tuple:
-    return (f.head_len, f.body_len, f.cpu_nbytes, f.chunk_bytes, f.dev_type, f.tp_world,
-            f.dev_nbytes)
+    return (
+        f.head_len,
+        f.body_len,
+        f.cpu_nbytes,
+        f.chunk_bytes,
+        f.dev_type,
+        f.tp_world,
+        f.dev_nbytes,
+    )
 
 
 def _current_index(device_type: str) -> int | None:
@@ -680,8 +820,7 @@ class _Dropped:
     def add(self, h: Handle) -> None:
         if h.done:
             return
-        threading.Thread(target=self._finish, args=(h,), name="pipepack-drop",
-                         daemon=True).start()
+        threading.Thread(target=self._finish, args=(h,), name="pipepack-drop", daemon=True).start()
 
     @staticmethod
     def _finish(h: Handle) -> None:
@@ -693,14 +832,19 @@ class _Dropped:
 
 _DROPPED = _Dropped()
 
-_LINKS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, Link]] = \
-    weakref.WeakKeyDictionary()
+_LINKS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, Link]] = weakref.WeakKeyDictionary()
 _LINKS_LOCK = threading.Lock()
 
 
-def get_link(group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, *,
-             head_bytes: int | None = None, timeout: float | None = None,
-             transport: str | None = None) -> Link:
+def get_link(
+    group: dist.ProcessGroup,
+    cpu_group: dist.ProcessGroup,
+    peer: int,
+    *,
+    head_bytes: int | None = None,
+    timeout: float | None = None,
+    transport: str | None = None,
+) -> Link:
     """The one link of this process to ``peer`` (a rank of ``group``)."""
     with _LINKS_LOCK:
         per = _LINKS.get(group)
@@ -708,19 +852,30 @@ def get_link(group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, peer: int, 
             per = _LINKS[group] = {}
         link = per.get(peer)
         if link is None:
-            link = per[peer] = Link(group, cpu_group, peer,
-                                    head_bytes=head_bytes or DEFAULT_HEAD_BYTES, timeout=timeout,
-                                    transport=transport or DEFAULT_TRANSPORT)
+            link = per[peer] = Link(
+                group,
+                cpu_group,
+                peer,
+                head_bytes=head_bytes or DEFAULT_HEAD_BYTES,
+                timeout=timeout,
+                transport=transport or DEFAULT_TRANSPORT,
+            )
             return link
     if transport is not None and transport != link.transport:
-        raise ValueError(f"the link to rank {link.peer_global} already uses transport "
-                         f"{link.transport!r}, not {transport!r}; one (group, peer) has one wire")
+        raise ValueError(
+            f"the link to rank {link.peer_global} already uses transport "
+            f"{link.transport!r}, not {transport!r}; one (group, peer) has one wire"
+        )
     if link._cpu_group() is not cpu_group:
-        raise ValueError(f"the link to rank {link.peer_global} of this group already uses another "
-                         "cpu_group; one (group, peer) has one wire")
+        raise ValueError(
+            f"the link to rank {link.peer_global} of this group already uses another "
+            "cpu_group; one (group, peer) has one wire"
+        )
     if head_bytes is not None and head_bytes != link.head_bytes:
-        raise ValueError(f"the link to rank {link.peer_global} already posts heads of "
-                         f"{link.head_bytes} bytes (slot_bytes), not {head_bytes}")
+        raise ValueError(
+            f"the link to rank {link.peer_global} already posts heads of "
+            f"{link.head_bytes} bytes (slot_bytes), not {head_bytes}"
+        )
     return link
 
 
@@ -731,13 +886,20 @@ def reset_links() -> None:
 
 
 DEFAULT_TRANSPORT = os.environ.get("PIPEPACK_TRANSPORT", "auto")
-_RINGS: weakref.WeakSet = weakref.WeakSet()
+# held strongly until exit: a link dies with its process group (destroy_process_group), but
+# hops its send ring already published must still reach the peer (close(linger=...) at exit)
+_RINGS: set = set()
 
 
 def _close_rings() -> None:
+    from . import shm
+
     for ring in list(_RINGS):
         try:
-            ring.close()
+            if isinstance(ring, shm.SendRing):  # hops already published must reach the peer
+                ring.close(linger=transport.EXIT_FLUSH_TIMEOUT)
+            else:
+                ring.close()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
 

@@ -12,6 +12,7 @@ first. Requests under ``SMALL`` bytes go straight to the allocator, which serves
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
@@ -22,6 +23,7 @@ __all__ = ["BufferPool", "size_class", "SMALL"]
 
 SMALL = 64 << 10
 _MAX_TRACKED = 64
+_SCAN = 8  # handed-out buffers checked per request that found nothing idle
 
 
 def size_class(n: int) -> int:
@@ -34,7 +36,7 @@ def size_class(n: int) -> int:
 class BufferPool:
     def __init__(self, min_idle_bytes: int = 32 << 20) -> None:
         self._idle: list[torch.Tensor] = []
-        self._out: list[torch.Tensor] = []
+        self._out: collections.deque[torch.Tensor] = collections.deque()
         self._idle_bytes = 0
         self._largest = 0
         self._min_idle = min_idle_bytes
@@ -56,37 +58,66 @@ class BufferPool:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
             self._largest = max(self._largest, nbytes)
-            self._collect()
-            best = None
-            for i, b in enumerate(self._idle):
-                n = b.numel()
-                if nbytes <= n <= 2 * nbytes and (best is None or n < self._idle[best].numel()):
-                    best = i
-            if best is not None:
-                buf = self._idle.pop(best)
-                self._idle_bytes -= buf.numel()
-                self.hits += 1
-            else:
-                buf = None
+            buf = self._take(nbytes)
+            if buf is None:
+                self._collect(_SCAN)
+                buf = self._take(nbytes)
+            if buf is None:
                 self.misses += 1
+            else:
+                self.hits += 1
         if buf is None:
             buf = torch.empty(size_class(nbytes), dtype=torch.uint8)
         with self._lock:
             self._out.append(buf)
             if len(self._out) > _MAX_TRACKED:
-                self._out.pop(0)  # a caller keeps many: let the allocator have that one back
+                self._out.popleft()  # a caller keeps many: let the allocator have that one back
         return buf
 
-    def _collect(self) -> None:
-        """Moves every handed-out buffer nothing reads any more to the idle list (lock held)."""
-        still = []
-        for b in self._out:
+    def put(self, buf: torch.Tensor) -> None:
+        """Hands a buffer back early (its transfer is done); idle once nothing reads it."""
+        if buf.numel() < SMALL or not REUSE_OK:
+            return
+        with self._lock:
+            for i, b in enumerate(self._out):
+                if b is buf:
+                    del self._out[i]
+                    break
+            else:
+                return  # not ours, or already forgotten
+            if unshared(buf):
+                self._idle.append(buf)
+                self._idle_bytes += buf.numel()
+                self._trim_to_cap()
+            else:
+                self._out.append(buf)
+
+    def _take(self, nbytes: int) -> torch.Tensor | None:
+        best = None
+        for i, b in enumerate(self._idle):
+            n = b.numel()
+            if nbytes <= n <= 2 * nbytes and (best is None or n < self._idle[best].numel()):
+                best = i
+        if best is None:
+            return None
+        buf = self._idle.pop(best)
+        self._idle_bytes -= buf.numel()
+        return buf
+
+    def _collect(self, limit: int | None = None) -> None:
+        """Moves handed-out buffers nothing reads any more to the idle list (lock held):
+        the oldest ``limit`` of them (all when None); busy ones go to the back."""
+        n = len(self._out) if limit is None else min(limit, len(self._out))
+        for _ in range(n):
+            b = self._out.popleft()
             if unshared(b):
                 self._idle.append(b)
                 self._idle_bytes += b.numel()
             else:
-                still.append(b)
-        self._out = still
+                self._out.append(b)
+        self._trim_to_cap()
+
+    def _trim_to_cap(self) -> None:
         cap = self.cap_bytes
         while self._idle_bytes > cap and self._idle:
             self._idle_bytes -= self._idle.pop(0).numel()

@@ -68,8 +68,9 @@ class ModelConfig:
         return self.hidden * self.mlp_ratio
 
 
-def _weight(config: ModelConfig, stream: int, shape: tuple[int, ...], std: float,
-            device: torch.device | str) -> nn.Parameter:
+def _weight(
+    config: ModelConfig, stream: int, shape: tuple[int, ...], std: float, device: torch.device | str
+) -> nn.Parameter:
     """One weight tensor from its own generator: independent of the split and of load order."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + stream)
     w = torch.randn(shape, generator=g, dtype=torch.float32) * std
@@ -98,8 +99,9 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x), x
         if self.fused:
@@ -151,17 +153,24 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block in vLLM's residual form: ``(h, residual) -> (h, residual)``."""
 
-    def __init__(self, config: ModelConfig, layer: int, device: torch.device | str,
-                 fused_input_norm: bool = False) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        device: torch.device | str,
+        fused_input_norm: bool = False,
+    ) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(_ones(config, config.hidden, device), config.eps,
-                                  fused=fused_input_norm)
+        self.input_norm = RMSNorm(
+            _ones(config, config.hidden, device), config.eps, fused=fused_input_norm
+        )
         self.attn = Attention(config, layer, device)
         self.post_attn_norm = RMSNorm(_ones(config, config.hidden, device), config.eps)
         self.mlp = MLP(config, layer, device)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, *,
-                normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, *, normed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not normed:  # normed: the input norm already ran (on the receive path)
             h, residual = self.input_norm(h, residual)
         h = self.attn(h)
@@ -189,8 +198,9 @@ class PipelineStage(nn.Module):
     (``PendingRecv.wait_add_rmsnorm`` with ``fused_boundary_norm``).
     """
 
-    def __init__(self, config: ModelConfig, stage: int, num_stages: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, config: ModelConfig, stage: int, num_stages: int, device: torch.device | str = "cpu"
+    ) -> None:
         super().__init__()
         self.config = config
         self.first = stage == 0
@@ -200,9 +210,10 @@ class PipelineStage(nn.Module):
         if self.first:
             self.embed = _weight(config, 1, (config.vocab, h), 1.0, device)
         fused = config.fused_boundary_norm and not self.first
-        self.layers = nn.ModuleList(DecoderLayer(config, i + 1, device,
-                                                 fused_input_norm=fused and i == self.layer_ids[0])
-                                    for i in self.layer_ids)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i + 1, device, fused_input_norm=fused and i == self.layer_ids[0])
+            for i in self.layer_ids
+        )
         if self.last:
             self.final_norm = RMSNorm(_ones(config, h, device), config.eps)
             self.lm_head = _weight(config, 2, (config.vocab, h), 1.0 / math.sqrt(h), device)
@@ -223,17 +234,22 @@ class PipelineStage(nn.Module):
         return {"hidden_states": h, "residual": residual}
 
 
-def build_stage(config: ModelConfig, stage: int, num_stages: int,
-                device: torch.device | str = "cpu") -> PipelineStage:
+def build_stage(
+    config: ModelConfig, stage: int, num_stages: int, device: torch.device | str = "cpu"
+) -> PipelineStage:
     """The module of ``stage`` of ``num_stages``, with its layers' deterministic weights."""
     return PipelineStage(config, stage, num_stages, device).eval()
 
 
 @torch.no_grad()
-def reference_forward(config: ModelConfig, tokens: torch.Tensor | Sequence[torch.Tensor], *,
-                      num_stages: int = 1, device: torch.device | str = "cpu",
-                      stages: Sequence[nn.Module] | None = None
-                      ) -> torch.Tensor | list[torch.Tensor]:
+def reference_forward(
+    config: ModelConfig,
+    tokens: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    num_stages: int = 1,
+    device: torch.device | str = "cpu",
+    stages: Sequence[nn.Module] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """The one-process run: every stage module built here and called in order.
 
     ``tokens`` is one micro-batch (``[T]`` ids; returns its ``[T, vocab]`` logits) or a list of
@@ -251,15 +267,17 @@ def reference_forward(config: ModelConfig, tokens: torch.Tensor | Sequence[torch
     return outs[0] if single else outs
 
 
-def sample_tokens(config: ModelConfig, sizes: Sequence[int], *, seed: int = 1
-                  ) -> list[torch.Tensor]:
+def sample_tokens(
+    config: ModelConfig, sizes: Sequence[int], *, seed: int = 1
+) -> list[torch.Tensor]:
     """Deterministic token-id micro-batches of the given lengths (CPU, int64)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, config.vocab, (n,), generator=g, dtype=torch.int64) for n in sizes]
 
 
-def boundary_example(config: ModelConfig, device: torch.device | str = "cpu"
-                     ) -> dict[str, torch.Tensor]:
+def boundary_example(
+    config: ModelConfig, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """A one-token stage-boundary dict: what ``Declared.from_example`` needs to declare a hop."""
     z = torch.zeros(1, config.hidden, dtype=config.dtype, device=device)
     return {"hidden_states": z, "residual": z.clone()}

@@ -142,9 +142,31 @@ _LIVENESS_PERIOD_S = 0.05
 _SPIN_YIELD = os.environ.get("PIPEPACK_SHM_SPIN_YIELD", "1") != "0"
 
 # header words (u64 index)
-(H_MAGIC, H_VERSION, H_SLOTS, H_SLOT_BYTES, H_META_BYTES, H_QUEUE_OFF, H_DESC_OFF, H_META_OFF,
- H_DATA_OFF, H_TOTAL, H_MAX_HOP, H_RECV_PID, H_RECV_START, H_RECV_STATE, H_SEND_PID,
- H_SEND_START, H_SEND_STATE, H_TAIL, H_HEAD, H_ACKS, H_LOCK, H_RWAIT, H_SWAIT) = range(23)
+(
+    H_MAGIC,
+    H_VERSION,
+    H_SLOTS,
+    H_SLOT_BYTES,
+    H_META_BYTES,
+    H_QUEUE_OFF,
+    H_DESC_OFF,
+    H_META_OFF,
+    H_DATA_OFF,
+    H_TOTAL,
+    H_MAX_HOP,
+    H_RECV_PID,
+    H_RECV_START,
+    H_RECV_STATE,
+    H_SEND_PID,
+    H_SEND_START,
+    H_SEND_STATE,
+    H_TAIL,
+    H_HEAD,
+    H_ACKS,
+    H_LOCK,
+    H_RWAIT,
+    H_SWAIT,
+) = range(23)
 # descriptor words (u64 index within a descriptor); the name occupies bytes [64, 128)
 D_PUB, D_ACK, D_NBYTES, D_MLEN, D_GEN, D_EXT_BYTES = range(6)
 D_NAME_OFF = 64
@@ -153,7 +175,8 @@ OPEN, CLOSED = 1, 2  # *_STATE values; 0 = never attached
 
 # pipepack-<pid>-<process start time, hex>-<pid namespace inode, hex>-<random hex>
 _NAME_RE = re.compile(
-    r"^pipepack-([0-9]{1,10})-([0-9a-f]{1,16})-([0-9a-f]{1,16})-([0-9a-f]{8,32})$")
+    r"^pipepack-([0-9]{1,10})-([0-9a-f]{1,16})-([0-9a-f]{1,16})-([0-9a-f]{8,32})$"
+)
 
 
 class PeerGone(RuntimeError):
@@ -177,7 +200,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
     except OSError:
         return ("?", 0)
-    rest = data[data.rindex(b")") + 2:].split()
+    rest = data[data.rindex(b")") + 2 :].split()
     return rest[0].decode(), int(rest[19])
 
 
@@ -330,7 +353,8 @@ else:  # pragma: no cover - glibc everywhere this runs
 _PTHREAD_PROCESS_SHARED = 1
 
 _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
-    platform.machine().lower())
+    platform.machine().lower()
+)
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not PRIVATE): the word lives in a shared mapping
 _SYSCALL = None
 if _LIBC is not None and _SYS_FUTEX is not None and sys.platform.startswith("linux"):
@@ -347,14 +371,28 @@ def _futex_wait(addr: int, expected: int, seconds: float) -> None:
         time.sleep(min(seconds, 0.001))
         return
     ts = _Timespec(int(seconds), int((seconds - int(seconds)) * 1e9))
-    _SYSCALL(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(_FUTEX_WAIT),
-             ctypes.c_uint32(expected & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0))
+    _SYSCALL(
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(addr),
+        ctypes.c_int(_FUTEX_WAIT),
+        ctypes.c_uint32(expected & 0xFFFFFFFF),
+        ctypes.byref(ts),
+        None,
+        ctypes.c_int(0),
+    )
 
 
 def _futex_wake(addr: int) -> None:
     if _SYSCALL is not None:
-        _SYSCALL(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(_FUTEX_WAKE),
-                 ctypes.c_int(0x7FFFFFFF), None, None, ctypes.c_int(0))
+        _SYSCALL(
+            ctypes.c_long(_SYS_FUTEX),
+            ctypes.c_void_p(addr),
+            ctypes.c_int(_FUTEX_WAKE),
+            ctypes.c_int(0x7FFFFFFF),
+            None,
+            None,
+            ctypes.c_int(0),
+        )
 
 
 _AVAILABLE: bool | None = None
@@ -400,8 +438,11 @@ def _create(name: str, size: int) -> mmap.mmap:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(e.errno, f"cannot reserve {size} bytes in {SHM_DIR} for {name} "
-                              f"({os.strerror(e.errno)}); is {SHM_DIR} too small?") from e
+                raise OSError(
+                    e.errno,
+                    f"cannot reserve {size} bytes in {SHM_DIR} for {name} "
+                    f"({os.strerror(e.errno)}); is {SHM_DIR} too small?",
+                ) from e
         return mmap.mmap(fd, size)
     except BaseException:
         _unlink(name)
@@ -453,8 +494,16 @@ class _Geometry:
         desc_off = _up(queue_off + 8 * slots, ALIGN)
         meta_off = desc_off + DESC_BYTES * slots
         data_off = _up(meta_off + meta_r * slots, PAGE)
-        return _Geometry(slots, slot_r, meta_r, queue_off, desc_off, meta_off, data_off,
-                         data_off + slot_r * slots)
+        return _Geometry(
+            slots,
+            slot_r,
+            meta_r,
+            queue_off,
+            desc_off,
+            meta_off,
+            data_off,
+            data_off + slot_r * slots,
+        )
 
 
 class _Seg:
@@ -473,8 +522,8 @@ class _Seg:
 
     def set_geo(self, geo: _Geometry) -> None:
         self.geo = geo
-        self.queue = memoryview(self.mm)[geo.queue_off:geo.queue_off + 8 * geo.slots].cast("Q")
-        self.desc = memoryview(self.mm)[geo.desc_off:geo.meta_off].cast("Q")
+        self.queue = memoryview(self.mm)[geo.queue_off : geo.queue_off + 8 * geo.slots].cast("Q")
+        self.desc = memoryview(self.mm)[geo.desc_off : geo.meta_off].cast("Q")
 
     def d(self, slot: int, word: int) -> int:
         return self.desc[slot * (DESC_BYTES // 8) + word]
@@ -484,12 +533,12 @@ class _Seg:
 
     def ext_name(self, slot: int) -> bytes:
         off = self.geo.desc_off + slot * DESC_BYTES + D_NAME_OFF
-        return bytes(self.mm[off:off + NAME_BYTES]).rstrip(b"\0")
+        return bytes(self.mm[off : off + NAME_BYTES]).rstrip(b"\0")
 
     def set_ext_name(self, slot: int, name: str) -> None:
         off = self.geo.desc_off + slot * DESC_BYTES + D_NAME_OFF
         raw = name.encode()
-        self.mm[off:off + NAME_BYTES] = raw + b"\0" * (NAME_BYTES - len(raw))
+        self.mm[off : off + NAME_BYTES] = raw + b"\0" * (NAME_BYTES - len(raw))
 
     def fence(self, deadline: float) -> bool:
         """Takes and drops the shared spinlock (see the module doc); False past ``deadline``
@@ -543,8 +592,9 @@ class _Seg:
             pass  # views of a slot are alive: the mapping goes with the last of them
 
 
-def _wait_for(cond, seg: _Seg, wait_word: int, futex_word: int, deadline: float | None,
-              spin_s: float, check) -> bool:
+def _wait_for(
+    cond, seg: _Seg, wait_word: int, futex_word: int, deadline: float | None, spin_s: float, check
+) -> bool:
     """Spins on ``cond`` for ``spin_s``, then sleeps on the futex at ``futex_word`` (announcing
     itself in ``wait_word``) until ``cond``; calls ``check()`` (which may raise) at least every
     ``_LIVENESS_PERIOD_S``. Returns False at ``deadline`` (monotonic seconds; None = never)."""
@@ -623,8 +673,9 @@ class Arrival:
 
     __slots__ = ("seq", "meta", "payload", "_ring", "_slot")
 
-    def __init__(self, seq: int, meta: bytes, payload: torch.Tensor, ring: RecvRing,
-                 slot: int) -> None:
+    def __init__(
+        self, seq: int, meta: bytes, payload: torch.Tensor, ring: RecvRing, slot: int
+    ) -> None:
         self.seq = seq
         self.meta = meta
         self.payload = payload
@@ -650,12 +701,22 @@ class RecvRing:
     receiver map more). ``spin_us`` is the busy-wait before sleeping.
     """
 
-    def __init__(self, *, slots: int = 4, slot_bytes: int = 4 << 20, meta_bytes: int = 64 << 10,
-                 timeout: float | None = None, max_hop_bytes: int = DEFAULT_MAX_HOP_BYTES,
-                 spin_us: float = DEFAULT_SPIN_US) -> None:
-        for k, v, lo, hi in (("slots", slots, 1, MAX_SLOTS), ("slot_bytes", slot_bytes, 1, 1 << 40),
-                             ("meta_bytes", meta_bytes, 0, MAX_META_BYTES),
-                             ("max_hop_bytes", max_hop_bytes, 0, 1 << 48)):
+    def __init__(
+        self,
+        *,
+        slots: int = 4,
+        slot_bytes: int = 4 << 20,
+        meta_bytes: int = 64 << 10,
+        timeout: float | None = None,
+        max_hop_bytes: int = DEFAULT_MAX_HOP_BYTES,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
+        for k, v, lo, hi in (
+            ("slots", slots, 1, MAX_SLOTS),
+            ("slot_bytes", slot_bytes, 1, 1 << 40),
+            ("meta_bytes", meta_bytes, 0, MAX_META_BYTES),
+            ("max_hop_bytes", max_hop_bytes, 0, 1 << 48),
+        ):
             if type(v) is not int or not lo <= v <= hi:
                 raise ValueError(f"RecvRing {k} must be an int in [{lo}, {hi}], got {v!r}")
         if timeout is not None:
@@ -672,12 +733,21 @@ class RecvRing:
         self._seg = seg = _Seg(_create(self.name, geo.total), geo)
         pid, start, _ = _me()
         ctl = seg.ctl
-        for w, v in ((H_VERSION, VERSION), (H_SLOTS, slots), (H_SLOT_BYTES, geo.slot_bytes),
-                     (H_META_BYTES, meta_bytes), (H_QUEUE_OFF, geo.queue_off),
-                     (H_DESC_OFF, geo.desc_off), (H_META_OFF, geo.meta_off),
-                     (H_DATA_OFF, geo.data_off), (H_TOTAL, geo.total),
-                     (H_MAX_HOP, max_hop_bytes), (H_RECV_PID, pid), (H_RECV_START, start),
-                     (H_RECV_STATE, OPEN)):
+        for w, v in (
+            (H_VERSION, VERSION),
+            (H_SLOTS, slots),
+            (H_SLOT_BYTES, geo.slot_bytes),
+            (H_META_BYTES, meta_bytes),
+            (H_QUEUE_OFF, geo.queue_off),
+            (H_DESC_OFF, geo.desc_off),
+            (H_META_OFF, geo.meta_off),
+            (H_DATA_OFF, geo.data_off),
+            (H_TOTAL, geo.total),
+            (H_MAX_HOP, max_hop_bytes),
+            (H_RECV_PID, pid),
+            (H_RECV_START, start),
+            (H_RECV_STATE, OPEN),
+        ):
             ctl[w] = v
         if _SPIN_INIT is not None and _SPIN_INIT(seg.lock_addr, _PTHREAD_PROCESS_SHARED) != 0:
             seg.close()
@@ -711,21 +781,27 @@ class RecvRing:
     def _check(self, seq: int, what: str) -> None:
         ctl = self._seg.ctl
         if ctl[H_MAGIC] != MAGIC or ctl[H_SLOTS] != self.slots:
-            raise CorruptRing(f"shm ring {self.name}: control block header overwritten "
-                              f"(magic/geometry) while {what}")
+            raise CorruptRing(
+                f"shm ring {self.name}: control block header overwritten "
+                f"(magic/geometry) while {what}"
+            )
         peer = self._peer()
         if peer is None:
             return
         if ctl[H_TAIL] >= seq:
             return
         if ctl[H_SEND_STATE] == CLOSED:
-            raise PeerGone(f"shm ring {self.name}: {what}: sender pid {peer[0]} closed the ring "
-                           f"after hop seq {ctl[H_TAIL]}")
+            raise PeerGone(
+                f"shm ring {self.name}: {what}: sender pid {peer[0]} closed the ring "
+                f"after hop seq {ctl[H_TAIL]}"
+            )
         if not _alive(*peer):
             sweep_stale()
-            raise PeerGone(f"shm ring {self.name}: {what}: sender pid {peer[0]} is gone "
-                           f"(process exited or was killed) after publishing hop seq "
-                           f"{ctl[H_TAIL]}")
+            raise PeerGone(
+                f"shm ring {self.name}: {what}: sender pid {peer[0]} is gone "
+                f"(process exited or was killed) after publishing hop seq "
+                f"{ctl[H_TAIL]}"
+            )
 
     # -- receiving
 
@@ -740,21 +816,34 @@ class RecvRing:
             deadline = _deadline(t)
             seg = self._seg
             ctl = seg.ctl
-            ok = _wait_for(lambda: ctl[H_TAIL] >= seq, seg, H_RWAIT, H_TAIL, deadline,
-                           self.spin_s, lambda: self._check(seq, f"waiting for {step}"))
+            ok = _wait_for(
+                lambda: ctl[H_TAIL] >= seq,
+                seg,
+                H_RWAIT,
+                H_TAIL,
+                deadline,
+                self.spin_s,
+                lambda: self._check(seq, f"waiting for {step}"),
+            )
             if not ok:
                 self._check(seq, f"waiting for {step}")
-                raise TimeoutError(f"shm ring {self.name}: waiting for {step} from {self._who()} "
-                                   f"timed out after {t} s (last published seq {ctl[H_TAIL]}, "
-                                   f"this end holds {len(self._held)} of {self.slots} slots)")
+                raise TimeoutError(
+                    f"shm ring {self.name}: waiting for {step} from {self._who()} "
+                    f"timed out after {t} s (last published seq {ctl[H_TAIL]}, "
+                    f"this end holds {len(self._held)} of {self.slots} slots)"
+                )
             if not seg.fence(time.monotonic() + 1.0):
                 peer = self._peer()
                 if peer is not None and not _alive(*peer):
                     sweep_stale()
-                    raise PeerGone(f"shm ring {self.name}: reading {step}: sender pid {peer[0]} "
-                                   f"is gone (died holding the ring's spinlock)")
-                raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s while "
-                                  f"reading {step} ({self._who()})")
+                    raise PeerGone(
+                        f"shm ring {self.name}: reading {step}: sender pid {peer[0]} "
+                        f"is gone (died holding the ring's spinlock)"
+                    )
+                raise CorruptRing(
+                    f"shm ring {self.name}: spinlock held for over 1 s while "
+                    f"reading {step} ({self._who()})"
+                )
             return self._take(seq, step)
 
     def _take(self, seq: int, step: str) -> Arrival:
@@ -762,8 +851,10 @@ class RecvRing:
         ctl = seg.ctl
 
         def bad(msg: str) -> CorruptRing:
-            return CorruptRing(f"shm ring {self.name}: corrupt control block reading {step} "
-                               f"from {self._who()}: {msg}")
+            return CorruptRing(
+                f"shm ring {self.name}: corrupt control block reading {step} "
+                f"from {self._who()}: {msg}"
+            )
 
         if self._sender is None:
             self._peer()
@@ -774,8 +865,10 @@ class RecvRing:
         if slot >= self.slots:
             raise bad(f"queue entry names slot {slot} of {self.slots}")
         if slot in self._held:
-            raise bad(f"queue entry names slot {slot}, still held by hop seq "
-                      f"{self._held[slot][0]} on this end")
+            raise bad(
+                f"queue entry names slot {slot}, still held by hop seq "
+                f"{self._held[slot][0]} on this end"
+            )
         pub = seg.d(slot, D_PUB)
         if pub != seq:
             raise bad(f"slot {slot} carries seq {pub}")
@@ -790,19 +883,21 @@ class RecvRing:
         if nbytes > cap:
             raise bad(f"payload length {nbytes} > slot {slot}'s {cap} bytes")
         moff = geo.meta_off + slot * geo.meta_bytes
-        meta = bytes(seg.mm[moff:moff + mlen])
+        meta = bytes(seg.mm[moff : moff + mlen])
         if nbytes == 0:
             payload = torch.empty(0, dtype=torch.uint8)
             self._next = seq + 1
             ctl[H_HEAD] = seq
             self._ack(slot, seq)
         else:
-            mv = memoryview(mm)[off:off + nbytes]
+            mv = memoryview(mm)[off : off + nbytes]
             payload = torch.frombuffer(mv, dtype=torch.uint8)
             me = weakref.ref(self)
             with self._held_lock:
-                self._held[slot] = (seq, weakref.ref(
-                    mv, lambda _r, s=slot, q=seq: _on_dead(me, s, q)))
+                self._held[slot] = (
+                    seq,
+                    weakref.ref(mv, lambda _r, s=slot, q=seq: _on_dead(me, s, q)),
+                )
             del mv
             self._next = seq + 1
             ctl[H_HEAD] = seq
@@ -851,8 +946,10 @@ class RecvRing:
                 return
             self._ackn += 1
             t = time.monotonic() + 1.0
-            seg.locked_store([(seg.desc, slot * (DESC_BYTES // 8) + D_ACK, seq),
-                              (seg.ctl, H_ACKS, self._ackn)], t)
+            seg.locked_store(
+                [(seg.desc, slot * (DESC_BYTES // 8) + D_ACK, seq), (seg.ctl, H_ACKS, self._ackn)],
+                t,
+            )
             seg.fence(t)  # the ack stores before the load of the sender's wait flag
             if seg.ctl[H_SWAIT]:
                 _futex_wake(seg.base + 8 * H_ACKS)
@@ -948,8 +1045,9 @@ class Reservation:
 class SendRing:
     """The sending end, attached to the receiver's ring by ``name``."""
 
-    def __init__(self, name: str, *, timeout: float | None = None,
-                 spin_us: float = DEFAULT_SPIN_US) -> None:
+    def __init__(
+        self, name: str, *, timeout: float | None = None, spin_us: float = DEFAULT_SPIN_US
+    ) -> None:
         if timeout is not None:
             _deadline(timeout)
         self.name = name
@@ -968,10 +1066,11 @@ class SendRing:
             if not seg.fence(time.monotonic() + 1.0):
                 raise CorruptRing(f"shm ring {name}: spinlock stuck while attaching")
             if ctl[H_SEND_STATE] != 0:
-                raise RuntimeError(f"shm ring {name} already has a sender (pid "
-                                   f"{ctl[H_SEND_PID]})")
-            seg.locked_store([(ctl, H_SEND_PID, pid), (ctl, H_SEND_START, start),
-                              (ctl, H_SEND_STATE, OPEN)], time.monotonic() + 1.0)
+                raise RuntimeError(f"shm ring {name} already has a sender (pid {ctl[H_SEND_PID]})")
+            seg.locked_store(
+                [(ctl, H_SEND_PID, pid), (ctl, H_SEND_START, start), (ctl, H_SEND_STATE, OPEN)],
+                time.monotonic() + 1.0,
+            )
         except BaseException:
             seg.close()
             raise
@@ -998,16 +1097,23 @@ class SendRing:
         if not name_ok:
             raise CorruptRing("shm segment is not a pipepack ring of this version")
         slots, slot_b, meta_b = ctl[H_SLOTS], ctl[H_SLOT_BYTES], ctl[H_META_BYTES]
-        if not (1 <= slots <= MAX_SLOTS and 0 < slot_b <= 1 << 40 and slot_b % PAGE == 0
-                and meta_b <= MAX_META_BYTES):
-            raise CorruptRing(f"shm ring geometry out of range: slots={slots} "
-                              f"slot_bytes={slot_b} meta_bytes={meta_b}")
+        if not (
+            1 <= slots <= MAX_SLOTS
+            and 0 < slot_b <= 1 << 40
+            and slot_b % PAGE == 0
+            and meta_b <= MAX_META_BYTES
+        ):
+            raise CorruptRing(
+                f"shm ring geometry out of range: slots={slots} "
+                f"slot_bytes={slot_b} meta_bytes={meta_b}"
+            )
         geo = _Geometry.of(slots, slot_b, meta_b)
         got = (ctl[H_QUEUE_OFF], ctl[H_DESC_OFF], ctl[H_META_OFF], ctl[H_DATA_OFF], ctl[H_TOTAL])
         want = (geo.queue_off, geo.desc_off, geo.meta_off, geo.data_off, geo.total)
         if got != want or size != geo.total:
-            raise CorruptRing(f"shm ring layout {got} (file {size} bytes) does not match its "
-                              f"geometry {want}")
+            raise CorruptRing(
+                f"shm ring layout {got} (file {size} bytes) does not match its geometry {want}"
+            )
         return geo
 
     # -- peer state
@@ -1015,8 +1121,9 @@ class SendRing:
     def _check(self, what: str, force: bool = True) -> None:
         ctl = self._seg.ctl
         if ctl[H_RECV_STATE] == CLOSED:
-            raise PeerGone(f"shm ring {self.name}: {what}: receiver pid {self.recv_pid} closed "
-                           f"the ring")
+            raise PeerGone(
+                f"shm ring {self.name}: {what}: receiver pid {self.recv_pid} closed the ring"
+            )
         now = time.monotonic()
         if not force and now - self._last_check < _LIVENESS_PERIOD_S:
             return
@@ -1024,28 +1131,36 @@ class SendRing:
         if not _alive(self.recv_pid, self._recv_start):
             self._unlink_pending()
             sweep_stale()
-            raise PeerGone(f"shm ring {self.name}: {what}: receiver pid {self.recv_pid} is gone "
-                           f"(process exited or was killed)")
+            raise PeerGone(
+                f"shm ring {self.name}: {what}: receiver pid {self.recv_pid} is gone "
+                f"(process exited or was killed)"
+            )
 
     def _free_slots(self) -> list[int]:
         seg = self._seg
-        return [i for i in range(self.slots)
-                if i not in self._reserved and seg.d(i, D_ACK) == self._pub[i]]
+        return [
+            i
+            for i in range(self.slots)
+            if i not in self._reserved and seg.d(i, D_ACK) == self._pub[i]
+        ]
 
     def _cap(self, slot: int) -> int:
         e = self._ext[slot]
         return self.slot_bytes if e is None else e[1]
 
-    def reserve(self, payload_nbytes: int, timeout: float | None = None, *,
-                what: str | None = None) -> Reservation:
+    def reserve(
+        self, payload_nbytes: int, timeout: float | None = None, *, what: str | None = None
+    ) -> Reservation:
         """Waits (bounded) for a free slot that fits ``payload_nbytes``; a slot grows when none
         does. Raises TimeoutError naming how many slots the receiver still holds."""
         n = payload_nbytes
         if type(n) is not int or n < 0:
             raise ValueError(f"payload_nbytes must be a non-negative int, got {n!r}")
         if n > self.max_hop_bytes:
-            raise ValueError(f"shm ring {self.name}: a hop of {n} bytes exceeds the receiver's "
-                             f"limit of {self.max_hop_bytes} bytes")
+            raise ValueError(
+                f"shm ring {self.name}: a hop of {n} bytes exceeds the receiver's "
+                f"limit of {self.max_hop_bytes} bytes"
+            )
         step = what or f"reserving {n} bytes for hop seq {self._next}"
         t = self.timeout if timeout is None else timeout
         deadline = _deadline(t)
@@ -1060,16 +1175,21 @@ class SendRing:
                 free[:] = self._free_slots()
                 return bool(free)
 
-            if not free and not _wait_for(cond, seg, H_SWAIT, H_ACKS, deadline, self.spin_s,
-                             lambda: self._check(step)):
+            if not free and not _wait_for(
+                cond, seg, H_SWAIT, H_ACKS, deadline, self.spin_s, lambda: self._check(step)
+            ):
                 self._check(step)
-                held = [self._pub[i] for i in range(self.slots)
-                        if i not in self._reserved and seg.d(i, D_ACK) != self._pub[i]]
+                held = [
+                    self._pub[i]
+                    for i in range(self.slots)
+                    if i not in self._reserved and seg.d(i, D_ACK) != self._pub[i]
+                ]
                 raise TimeoutError(
                     f"shm ring {self.name}: {step} timed out after {t} s: the receiver (pid "
                     f"{self.recv_pid}) still holds {len(held)} of {self.slots} slots (hop seqs "
                     f"{sorted(held)}; it has taken up to hop seq {seg.ctl[H_HEAD]}), "
-                    f"{len(self._reserved)} reserved unpublished on this end")
+                    f"{len(self._reserved)} reserved unpublished on this end"
+                )
             if not seg.fence(time.monotonic() + 1.0):
                 self._check(step)
                 raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
@@ -1085,7 +1205,7 @@ class SendRing:
                 payload = torch.empty(0, dtype=torch.uint8)
             elif e is None:
                 off = self._geo.data_off + slot * self.slot_bytes
-                payload = torch.frombuffer(memoryview(seg.mm)[off:off + n], dtype=torch.uint8)
+                payload = torch.frombuffer(memoryview(seg.mm)[off : off + n], dtype=torch.uint8)
             else:
                 payload = torch.frombuffer(memoryview(e[2])[:n], dtype=torch.uint8)
             self._reserved.add(slot)
@@ -1124,8 +1244,9 @@ class SendRing:
             if r._ring is not self or r._state != "reserved":
                 raise ValueError(f"{r!r} is not an open reservation of this ring")
             if len(meta) > self.meta_bytes:
-                raise ValueError(f"meta of {len(meta)} bytes exceeds the ring's meta_bytes "
-                                 f"{self.meta_bytes}")
+                raise ValueError(
+                    f"meta of {len(meta)} bytes exceeds the ring's meta_bytes {self.meta_bytes}"
+                )
             seg, geo, slot = self._seg, self._geo, r._slot
             seq = self._next
             step = f"publishing hop seq {seq}"
@@ -1133,12 +1254,13 @@ class SendRing:
             self._check(step, force=False)
             now = time.monotonic()
             moff = geo.meta_off + slot * geo.meta_bytes
-            seg.mm[moff:moff + len(meta)] = meta
+            seg.mm[moff : moff + len(meta)] = meta
             seg.set_d(slot, D_NBYTES, r.nbytes)
             seg.set_d(slot, D_MLEN, len(meta))
             seg.queue[(seq - 1) % self.slots] = slot
-            if not seg.locked_store([(seg.desc, slot * (DESC_BYTES // 8) + D_PUB, seq),
-                                     (ctl, H_TAIL, seq)], now + 1.0):
+            if not seg.locked_store(
+                [(seg.desc, slot * (DESC_BYTES // 8) + D_PUB, seq), (ctl, H_TAIL, seq)], now + 1.0
+            ):
                 self._check(step)
                 raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
             e = self._ext[slot]
@@ -1166,7 +1288,28 @@ class SendRing:
             if e is not None and e[3]:
                 _unlink(e[3])
 
-    def close(self) -> None:
+    def _linger(self, seconds: float) -> None:
+        """Waits (bounded) until the receiver has mapped every grown segment of a published hop:
+        it unlinks each one as it maps it, so a sender that closes right after its last publish
+        does not take that hop with it."""
+        deadline = time.monotonic() + seconds
+        peer = (self.recv_pid, self._recv_start)
+        while time.monotonic() < deadline and _alive(*peer):
+            pending = [
+                e[3] for e in self._ext if e is not None and e[3] and os.path.exists(_path(e[3]))
+            ]
+            if not pending:
+                return
+            time.sleep(0.002)
+
+    def close(self, linger: float = 0.0) -> None:
+        """Closes this end. ``linger``: seconds to wait for the receiver to map the grown
+        segments of hops already published (the link passes its exit-flush bound)."""
+        if linger > 0 and not self._closed:
+            try:
+                self._linger(linger)
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
         with self._lock:
             if self._closed:
                 return

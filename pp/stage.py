@@ -90,8 +90,10 @@ class StageDriver:
         if static_inputs is not None and receive is not None:
             raise ValueError("pass static_inputs or receive, not both")
         if static_inputs is not None and recv_channel is None:
-            raise ValueError("static_inputs are filled from received payloads; the first stage "
-                             "(no recv_channel) has none")
+            raise ValueError(
+                "static_inputs are filled from received payloads; the first stage "
+                "(no recv_channel) has none"
+            )
         self.module = module
         self.recv_channel = recv_channel
         self.send_channel = send_channel
@@ -111,8 +113,12 @@ class StageDriver:
     def _post(self, k: int) -> PendingRecv:
         return self.recv_channel.irecv(self._tokens(k))
 
-    def run(self, inputs: Sequence[Mapping[str, Any]] | None = None, *,
-            num_microbatches: int | None = None) -> list[Mapping[str, Any]]:
+    def run(
+        self,
+        inputs: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        num_microbatches: int | None = None,
+    ) -> list[Mapping[str, Any]]:
         """Runs every micro-batch through the stage; returns the outputs on the last stage.
 
         The first stage passes ``inputs`` (one dict per micro-batch); the others pass
@@ -121,18 +127,23 @@ class StageDriver:
         """
         if self.recv_channel is None:
             if inputs is None:
-                raise ValueError("the first stage (no recv_channel) takes its micro-batches as "
-                                 "inputs")
+                raise ValueError(
+                    "the first stage (no recv_channel) takes its micro-batches as inputs"
+                )
             if num_microbatches is not None and num_microbatches != len(inputs):
                 raise ValueError(f"num_microbatches={num_microbatches} but {len(inputs)} inputs")
             n = len(inputs)
         else:
             if inputs is not None:
-                raise ValueError("a stage with a recv_channel receives its micro-batches; pass "
-                                 "num_microbatches instead of inputs")
+                raise ValueError(
+                    "a stage with a recv_channel receives its micro-batches; pass "
+                    "num_microbatches instead of inputs"
+                )
             if num_microbatches is None or num_microbatches < 0:
-                raise ValueError("num_microbatches (>= 0) is required: every stage must run the "
-                                 "same count, it is not on the wire")
+                raise ValueError(
+                    "num_microbatches (>= 0) is required: every stage must run the "
+                    "same count, it is not on the wire"
+                )
             n = num_microbatches
 
         outputs: list[Mapping[str, Any]] = []
@@ -172,6 +183,7 @@ class StageDriver:
                     h.wait()
             send_wait += time.perf_counter() - t0
             sends.append(self.send_channel.isend(y))  # copies y; returns at once
-        self.last_times = StageTimes(n, time.perf_counter() - t_start, compute, recv_wait,
-                                     send_wait)
+        self.last_times = StageTimes(
+            n, time.perf_counter() - t_start, compute, recv_wait, send_wait
+        )
         return outputs

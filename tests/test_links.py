@@ -544,3 +544,26 @@ def test_unbuilt_or_unknown_transport_is_refused_clearly() -> None:
         TensorDictChannel(1, transport="cuda_ipc")
     with pytest.raises(ValueError, match="transport must be one of"):
         TensorDictChannel(1, transport="tcp")
+
+
+def _send_timeout_body(rank: int, world: int, tmp: str) -> None:
+    _use("dist")
+    flag = os.path.join(tmp, "go")
+    big = {"x": torch.ones(3 << 20)}  # 12 MiB: the send completes only once the peer receives
+    if rank == 0:
+        (h,) = isend_tensor_dict(big)
+        # the reaper thread is already waiting on this send; a timed wait must still time out
+        with pytest.raises(TimeoutError, match=r"send #0 to rank 1"):
+            h.wait(timeout=0.3)
+        Path(flag).touch()
+        h.wait()
+        return
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    check_dict(recv_tensor_dict(), big)
+
+
+def test_send_wait_with_timeout_while_the_reaper_waits(tmp_path) -> None:
+    """handle.wait(timeout) on a send the reaper is already waiting on honours the timeout (the
+    peer only receives after this side timed out: without the timeout it would never return)."""
+    run_ranks(2, _send_timeout_body, str(tmp_path), timeout_s=TIMEOUT_S)

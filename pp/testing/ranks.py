@@ -15,9 +15,13 @@ import torch.multiprocessing as mp
 def _entry(rank: int, world: int, init_file: str, fn, args, timeout_s: float, errdir: str):
     try:
         torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         try:
             fn(rank, world, *args)
         finally:
@@ -37,8 +41,13 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 60.0) -> None:
     """Runs ``fn(rank, world, *args)`` on ``world`` processes; re-raises a rank's failure."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_entry, args=(world, init_file, fn, args, timeout_s, tmp),
-                                 nprocs=world, join=False, start_method="fork")
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, init_file, fn, args, timeout_s, tmp),
+            nprocs=world,
+            join=False,
+            start_method="fork",
+        )
         deadline = timeout_s + 30
         import time
 

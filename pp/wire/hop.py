@@ -56,10 +56,22 @@ from .dtypes import DTYPE_CODES, dtype_of_code
 from .limits import Limits, WireError
 
 __all__ = [
-    "FRAME_BYTES", "MAGIC", "VERSION", "F_INLINE", "F_PICKLED", "F_SLICED", "F_SWITCH",
+    "FRAME_BYTES",
+    "MAGIC",
+    "VERSION",
+    "F_INLINE",
+    "F_PICKLED",
+    "F_SLICED",
+    "F_SWITCH",
     "DEVICE_CODES",
-    "Frame", "encode_frame", "decode_frame", "TensorDesc", "Schema", "encode_body",
-    "decode_schema", "align16",
+    "Frame",
+    "encode_frame",
+    "decode_frame",
+    "TensorDesc",
+    "Schema",
+    "encode_body",
+    "decode_schema",
+    "align16",
 ]
 
 MAGIC = b"PPK2"
@@ -119,33 +131,67 @@ class Frame:
 
 def encode_frame(f: Frame) -> bytes:
     dev = 0 if f.dev_type is None else DEVICE_CODES[f.dev_type]
-    return _FRAME.pack(MAGIC, VERSION, f.flags, f.seq, f.head_len, f.body_len, f.cpu_nbytes,
-                       f.chunk_bytes, dev, 0, f.tp_world, f.dev_nbytes, 0, 0)
+    return _FRAME.pack(
+        MAGIC,
+        VERSION,
+        f.flags,
+        f.seq,
+        f.head_len,
+        f.body_len,
+        f.cpu_nbytes,
+        f.chunk_bytes,
+        dev,
+        0,
+        f.tp_world,
+        f.dev_nbytes,
+        0,
+        0,
+    )
 
 
 def decode_frame(data: bytes, *, capacity: int, limits: Limits) -> Frame:
     """Parses and validates a head's frame; every size in it is then safe to post."""
     if len(data) < FRAME_BYTES:
         raise WireError(f"frame: {len(data)} bytes, a frame has {FRAME_BYTES}")
-    (magic, version, flags, seq, head_len, body_len, cpu_nbytes, chunk, dev, r0, tp_world,
-     dev_nbytes, r1, r2) = _FRAME.unpack_from(data)
+    (
+        magic,
+        version,
+        flags,
+        seq,
+        head_len,
+        body_len,
+        cpu_nbytes,
+        chunk,
+        dev,
+        r0,
+        tp_world,
+        dev_nbytes,
+        r1,
+        r2,
+    ) = _FRAME.unpack_from(data)
     if magic != MAGIC:
-        raise WireError(f"frame: magic {magic!r}, expected {MAGIC!r} (is the peer running "
-                        "pipepack 0.2 or later?)")
+        raise WireError(
+            f"frame: magic {magic!r}, expected {MAGIC!r} (is the peer running "
+            "pipepack 0.2 or later?)"
+        )
     if version != VERSION:
         raise WireError(f"frame: wire version {version}, this side speaks {VERSION}")
     if flags & ~_F_ALL or r0 or r1 or r2:
         raise WireError(f"frame: unknown flags {flags:#x} or nonzero reserved fields")
     if not FRAME_BYTES <= head_len <= capacity:
-        raise WireError(f"frame: head_len {head_len} outside [{FRAME_BYTES}, {capacity}] "
-                        "(this side's head capacity)")
+        raise WireError(
+            f"frame: head_len {head_len} outside [{FRAME_BYTES}, {capacity}] "
+            "(this side's head capacity)"
+        )
     if body_len > limits.max_header_bytes:
-        raise WireError(f"frame: header body of {body_len} bytes exceeds the limit "
-                        f"{limits.max_header_bytes}")
+        raise WireError(
+            f"frame: header body of {body_len} bytes exceeds the limit {limits.max_header_bytes}"
+        )
     for name, n in (("cpu_nbytes", cpu_nbytes), ("dev_nbytes", dev_nbytes)):
         if n > limits.max_payload_bytes:
-            raise WireError(f"frame: {name} {n} exceeds max_payload_bytes="
-                            f"{limits.max_payload_bytes}")
+            raise WireError(
+                f"frame: {name} {n} exceeds max_payload_bytes={limits.max_payload_bytes}"
+            )
     dev_type = None
     if dev:
         dev_type = _DEVICE_NAMES.get(dev)
@@ -156,24 +202,35 @@ def decode_frame(data: bytes, *, capacity: int, limits: Limits) -> Frame:
     if not 1 <= tp_world:
         raise WireError("frame: tp_world 0")
     if flags & F_SWITCH:
-        if flags != F_SWITCH or head_len != FRAME_BYTES or body_len or cpu_nbytes or chunk \
-                or dev or dev_nbytes or tp_world != 1:
+        if (
+            flags != F_SWITCH
+            or head_len != FRAME_BYTES
+            or body_len
+            or cpu_nbytes
+            or chunk
+            or dev
+            or dev_nbytes
+            or tp_world != 1
+        ):
             raise WireError("frame: a SWITCH frame carries nothing else")
     elif flags & F_INLINE:
         if head_len != align16(FRAME_BYTES + body_len) + cpu_nbytes or chunk:
-            raise WireError(f"frame: INLINE head_len {head_len} does not hold a body of "
-                            f"{body_len} and a payload of {cpu_nbytes} bytes")
+            raise WireError(
+                f"frame: INLINE head_len {head_len} does not hold a body of "
+                f"{body_len} and a payload of {cpu_nbytes} bytes"
+            )
     else:
         if head_len - FRAME_BYTES > body_len:
-            raise WireError(f"frame: head of {head_len} bytes is longer than frame + body "
-                            f"({body_len})")
-        if cpu_nbytes and not (MIN_CHUNK_BYTES <= chunk and chunk % 16 == 0
-                               and -(-cpu_nbytes // chunk) <= MAX_CHUNKS):
+            raise WireError(
+                f"frame: head of {head_len} bytes is longer than frame + body ({body_len})"
+            )
+        if cpu_nbytes and not (
+            MIN_CHUNK_BYTES <= chunk and chunk % 16 == 0 and -(-cpu_nbytes // chunk) <= MAX_CHUNKS
+        ):
             raise WireError(f"frame: chunk_bytes {chunk} for a payload of {cpu_nbytes} bytes")
         if not cpu_nbytes and chunk:
             raise WireError("frame: chunk_bytes without a CPU payload")
-    return Frame(flags, seq, head_len, body_len, cpu_nbytes, chunk, dev_type, tp_world,
-                 dev_nbytes)
+    return Frame(flags, seq, head_len, body_len, cpu_nbytes, chunk, dev_type, tp_world, dev_nbytes)
 
 
 @dataclass(frozen=True)
@@ -195,9 +252,13 @@ class Schema:
     values_len: int
 
 
-def encode_body(keys: Sequence[bytes], is_tensor: Sequence[bool],
-                tensors: Sequence[tuple[int, int, int, int]], dims: Sequence[int],
-                values: bytes) -> bytes:
+def encode_body(
+    keys: Sequence[bytes],
+    is_tensor: Sequence[bool],
+    tensors: Sequence[tuple[int, int, int, int]],
+    dims: Sequence[int],
+    values: bytes,
+) -> bytes:
     """``keys`` utf-8 encoded; ``tensors`` as (dtype code, ndim, device code, flags)."""
     parts = [_BODY_HEAD.pack(len(keys), len(tensors), len(values))]
     for kb, t in zip(keys, is_tensor):
@@ -216,16 +277,19 @@ def decode_schema(body: bytes, *, limits: Limits) -> Schema:
     try:
         n_keys, n_tensors, values_len = _BODY_HEAD.unpack_from(body, 0)
         if n_keys + n_tensors > limits.max_entries:
-            raise WireError(f"header: {n_keys} keys and {n_tensors} tensors exceed "
-                            f"max_entries={limits.max_entries}")
+            raise WireError(
+                f"header: {n_keys} keys and {n_tensors} tensors exceed "
+                f"max_entries={limits.max_entries}"
+            )
         pos = _BODY_HEAD.size
         keys, kinds = [], []
         for _ in range(n_keys):
             (n,) = _KEY_HEAD.unpack_from(body, pos)
             pos += 2
             if n > limits.max_key_bytes:
-                raise WireError(f"header: key of {n} bytes exceeds max_key_bytes="
-                                f"{limits.max_key_bytes}")
+                raise WireError(
+                    f"header: key of {n} bytes exceeds max_key_bytes={limits.max_key_bytes}"
+                )
             kb = body[pos : pos + n]
             if len(kb) != n:
                 raise WireError("header: truncated key")
@@ -276,8 +340,10 @@ def decode_schema(body: bytes, *, limits: Limits) -> Schema:
                 raise WireError(f"header: tensor {i} has a negative dim in {shape}")
             span *= max(d, 1)
         if span > limits.max_payload_bytes:  # also bounds the dims of empty tensors
-            raise WireError(f"header: tensor {i} of shape {shape} is out of range for "
-                            f"max_payload_bytes={limits.max_payload_bytes}")
+            raise WireError(
+                f"header: tensor {i} of shape {shape} is out of range for "
+                f"max_payload_bytes={limits.max_payload_bytes}"
+            )
         tensors.append(TensorDesc(dtype, tuple(shape), name, bool(flags)))
     return Schema(tuple(keys), tuple(kinds), tuple(tensors), pos, values_len)
 
@@ -290,4 +356,3 @@ def tensor_desc_code(t: torch.Tensor, sliced: bool, key: str) -> tuple[int, int,
     if dev is None:
         raise TypeError(f"key {key!r}: tensors on {t.device.type} cannot travel")
     return code, t.dim(), dev, 1 if sliced else 0
-

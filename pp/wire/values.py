@@ -194,8 +194,15 @@ def encode_value(
 class _Dec:
     __slots__ = ("buf", "items", "max_depth", "allow_pickle", "tensor", "next_tensor")
 
-    def __init__(self, buf: bytes, items: int, max_depth: int, allow_pickle: bool,
-                 tensor: Callable[[int], torch.Tensor], first_tensor: int) -> None:
+    def __init__(
+        self,
+        buf: bytes,
+        items: int,
+        max_depth: int,
+        allow_pickle: bool,
+        tensor: Callable[[int], torch.Tensor],
+        first_tensor: int,
+    ) -> None:
         self.buf = buf
         self.items = items
         self.max_depth = max_depth
@@ -224,8 +231,7 @@ class _Dec:
                 try:
                     return buf[pos:end].decode("utf-8", "surrogatepass"), end
                 except UnicodeDecodeError:
-                    raise WireError(f"value: str at offset {pos - 5} is not valid utf-8") \
-                        from None
+                    raise WireError(f"value: str at offset {pos - 5} is not valid utf-8") from None
             if tag == T_BYTES:
                 return buf[pos:end], end
             if tag == T_BIGINT:
@@ -235,8 +241,9 @@ class _Dec:
             try:
                 return pickle.loads(buf[pos:end]), end
             except Exception as e:
-                raise WireError(f"value: the peer's pickled value failed to unpickle: {e!r}") \
-                    from None
+                raise WireError(
+                    f"value: the peer's pickled value failed to unpickle: {e!r}"
+                ) from None
         if tag == T_FLOAT:
             return _F64.unpack_from(buf, pos)[0], pos + 8
         if tag == T_NONE:
@@ -263,8 +270,9 @@ class _Dec:
                     try:
                         d[k] = x
                     except TypeError:
-                        raise WireError(f"value: unhashable dict key of type {type(k).__name__}") \
-                            from None
+                        raise WireError(
+                            f"value: unhashable dict key of type {type(k).__name__}"
+                        ) from None
                 if len(d) != n:
                     raise WireError("value: dict with duplicate keys")
                 return d, pos
