@@ -25,7 +25,7 @@ half the round trip. Modes, each written after what the system it names does:
                     the same two pipepack modes over the same-host transport (the peer's
                     shared-memory ring) instead of torch.distributed.
   sglang, vllm      the engines' own GroupCoordinator transport, written from what they send
-                    (bench/engine_baselines.py): sglang's async send + blocking receive, vLLM's
+                    (pipepack.testing.baselines): sglang's async send + blocking receive, vLLM's
                     blocking pair.
   sglang_pipepack, vllm_pipepack
                     the same engine calls on the same coordinator with pipepack's one-line
@@ -52,8 +52,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import engine_baselines  # noqa: E402 - the engines' own transports, beside this script
+from pipepack.testing import baselines as engine_baselines
 
 SCENARIOS = ["decode_bs1", "decode_bs8", "decode_bs64", "decode_bs256", "prefill_4k",
              "many_small", "output", "tp2"]

@@ -2,7 +2,7 @@
 
 A stand-in GroupCoordinator (``ranks``, ``world_size``, ``rank_in_group``, ``device_group``,
 ``cpu_group``) is built from real gloo groups; its own methods are the engine-shaped per-tensor
-transport of ``bench/engine_baselines.py``, which the adapters replace on one instance. Every
+transport of ``pipepack.testing.baselines``, which the adapters replace on one instance. Every
 received dict is compared bit-exactly with what the engine's transport delivers, computed from
 its rules (:func:`_engine_delivery`) out of the dicts every sender TP rank built: the same call
 sequence also runs un-patched, so the reference is checked against that transport too.
@@ -15,9 +15,6 @@ rank = stage * tp + tp_rank.
 from __future__ import annotations
 
 import fractions
-import importlib.util
-import pathlib
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,23 +24,14 @@ import torch.distributed as dist
 
 from pipepack.integrations import sglang as pp_sglang
 from pipepack.integrations import vllm as pp_vllm
-from pipepack.testing import check_dict, run_ranks
+from pipepack.testing import baselines, check_dict, run_ranks
 
 TIMEOUT_S = 60.0
 H = 64  # hidden size: T * H divides by the TP size for every T
 LAYOUTS = {"pp2": (2, 1), "pp2xtp2": (2, 2), "pp4": (4, 1)}  # name -> (pp, tp)
 
 
-def _load_engine_baselines():
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "engine_baselines.py"
-    spec = importlib.util.spec_from_file_location("_bench_engine_baselines", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ENGINE = _load_engine_baselines()
+ENGINE = baselines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,7 +658,7 @@ def test_allow_pickle_install_carries_objects() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the benchmark hook: bench/engine_baselines.pair, as bench_p2p's ping-pong calls it
+# the benchmark hook: pipepack.testing.baselines.pair, as bench_p2p's ping-pong calls it
 # ---------------------------------------------------------------------------------------------
 
 

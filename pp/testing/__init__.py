@@ -1,4 +1,5 @@
-"""Test helpers for pipepack and its users: bit-exact dict comparison and a local rank launcher.
+"""Test helpers for pipepack and its users: bit-exact dict comparison, a local rank launcher,
+and the engines' own per-tensor transport (``baselines``) to measure against.
 
 ``check_dict`` / ``check_tensor`` / ``check_plain`` compare received tensor dicts exactly (NaN
 payloads and -0.0 included); ``run_ranks`` runs a function on N fork-started gloo ranks with a
