@@ -1,23 +1,27 @@
-"""Soak: many hops through one TensorDictChannel, watching memory, threads and live buffers.
+"""Soaks: many hops over one link, watching memory, threads and live buffers.
 
-Reproduce (CPU, gloo, 2 local ranks started by this script; 15-30 s on 2 cores):
-    python bench/soak.py --hops 10000 --depth 3 --every 500
-Longer run, JSON of every sample:
-    python bench/soak.py --hops 100000 --depth 3 --every 5000 --out soak.json
+Two runs, both on 2 fork-started local gloo ranks (rank 0 sends, rank 1 receives):
 
-Rank 0 sends, rank 1 receives, ``depth`` micro-batches in flight on both sides: the sender
-waits on hop i - depth's send handle before posting hop i, the receiver keeps ``depth``
-receives posted and waits on the oldest. The token count changes on every hop (it cycles
-through ``TOKENS``) and every ``SCHEMA_EVERY``-th hop carries another dtype and an extra key,
-so headers with a new schema, the schema caches and the send-buffer pool all churn. The
-receiver checks every hop's step counter, its bytes and key order.
+``steady`` (the default) -- ``--hops`` hops through one ``TensorDictChannel``, ``--depth``
+micro-batches in flight on both sides: the sender waits on hop i - depth's handle before
+posting hop i, the receiver keeps ``depth`` receives posted and waits on the oldest. The token
+count changes on every hop (it cycles through ``TOKENS``) and every ``ODD_EVERY``-th hop carries
+another dtype and an extra key. The receiver checks every hop's step counter, bytes and key
+order. Every ``--every`` hops each rank samples its resident memory (``/proc/self/statm``), its
+thread count, the number of live ``torch.Tensor`` objects (through ``gc``), how many of them are
+idle buffers in the link's pools (capped in bytes) and the send reaper's queue; the sender
+first lets its sends complete, so samples compare. ::
 
-Every ``--every`` hops each rank samples its resident memory (``/proc/self/statm``), its
-thread count, the number of live ``torch.Tensor`` objects (found through ``gc``), how many of
-them are free send buffers kept by the channel's pool (bounded: a few per buffer size) and the
-send reaper's queue; the sender first lets its sends in flight complete, so samples compare.
-``tests/test_soak.py`` runs this same soak and asserts that the curve is flat after
-warm-up; this script prints the curve as a table.
+    python bench/soak.py --hops 10000 --depth 3 --every 500 [--transport dist|shm|auto]
+
+``varying`` -- ``--hops`` blocking hops (``send_tensor_dict`` / ``recv_tensor_dict``) of two
+``[T, hidden]`` bf16 keys with T drawn from 1000..4000 on every hop (the same draws on both
+ranks, so the receiver checks shapes and bytes); RSS is read after every hop and the growth per
+side (peak minus the RSS before the first hop) reported. ::
+
+    python bench/soak.py --run varying --hops 200 --hidden 4096 [--transport dist|shm|auto]
+
+``tests/test_soak.py`` runs both and asserts on the samples; this script prints them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import gc
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import threading
@@ -42,7 +47,7 @@ import torch.distributed as dist
 
 TOKENS = (1, 7, 16, 33, 64, 5, 128, 2, 96)  # one per hop, cycled: shapes change every step
 HIDDEN = 256
-SCHEMA_EVERY = 97  # every 97th hop: another dtype and an extra key (a new schema)
+ODD_EVERY = 97  # every 97th hop: another dtype and an extra key
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -55,7 +60,8 @@ class Sample:
     rss_bytes: int
     threads: int
     live_tensors: int
-    pooled_buffers: int  # of live_tensors: free send buffers the channel keeps for reuse
+    pooled_buffers: int  # of live_tensors: buffers the link's pools hold (idle or tracked)
+    pooled_bytes: int  # idle bytes of the pools (each capped in bytes)
     reaper_pending: int
     elapsed_s: float
 
@@ -67,7 +73,7 @@ class Sample:
 def hop_dict(i: int) -> dict[str, Any]:
     """Hop ``i``'s dict; both ranks build it, so the receiver can check every byte."""
     t = TOKENS[i % len(TOKENS)]
-    odd = i % SCHEMA_EVERY == SCHEMA_EVERY - 1
+    odd = i % ODD_EVERY == ODD_EVERY - 1
     dtype = torch.float16 if odd else torch.bfloat16
     d: dict[str, Any] = {
         "step": i,
@@ -81,7 +87,7 @@ def hop_dict(i: int) -> dict[str, Any]:
     return d
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
 
@@ -92,31 +98,49 @@ def _live_tensors() -> int:
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
-def _pooled(channel: Any) -> int:
-    """Free send buffers the channel's pool holds (bounded: a few per buffer size)."""
-    free = getattr(getattr(channel, "_pool", None), "_free", {})
-    return sum(len(bufs) for bufs in free.values())
+def _pools(channel: Any) -> list[Any]:
+    link = getattr(channel, "link", None)
+    return [
+        p
+        for p in (getattr(link, n, None) for n in ("send_pool", "head_pool", "recv_pool"))
+        if p is not None
+    ]
 
 
 def _sample(rank: int, hop: int, t0: float, channel: Any = None) -> Sample:
     from pipepack.pp import REAPER
 
-    rss = _rss_bytes()  # before gc.get_objects() allocates its list
-    return Sample(rank, hop, rss, threading.active_count(), _live_tensors(), _pooled(channel),
-                  REAPER.pending(), time.monotonic() - t0)
+    rss = rss_bytes()  # before gc.get_objects() allocates its list
+    gc.collect()  # tensors of dropped hops still waiting in reference cycles are not leaks
+    pools = _pools(channel)
+    return Sample(
+        rank,
+        hop,
+        rss,
+        threading.active_count(),
+        _live_tensors(),
+        sum(len(p._idle) + len(p._out) for p in pools),
+        sum(p.idle_bytes for p in pools),
+        REAPER.pending(),
+        time.monotonic() - t0,
+    )
 
 
 def _same(got: Any, want: Any) -> bool:
     if isinstance(want, torch.Tensor):
-        return (isinstance(got, torch.Tensor) and got.dtype == want.dtype
-                and got.shape == want.shape
-                and torch.equal(got.reshape(-1).view(torch.uint8),
-                                want.reshape(-1).view(torch.uint8)))
+        return (
+            isinstance(got, torch.Tensor)
+            and got.dtype == want.dtype
+            and got.shape == want.shape
+            and torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+        )
     return type(got) is type(want) and got == want
 
 
-def soak_rank(rank: int, world: int, hops: int, depth: int, every: int, out_dir: str) -> None:
-    """One rank of the soak (rank 0 sends, rank 1 receives); writes its samples as JSON."""
+def soak_rank(
+    rank: int, world: int, hops: int, depth: int, every: int, out_dir: str, transport: str = "auto"
+) -> None:
+    """One rank of the steady soak (rank 0 sends, rank 1 receives); writes its samples."""
     from pipepack.pp import REAPER, TensorDictChannel
 
     del world
@@ -124,7 +148,7 @@ def soak_rank(rank: int, world: int, hops: int, depth: int, every: int, out_dir:
     t0 = time.monotonic()
     samples.append(_sample(rank, 0, t0))
     if rank == 0:
-        ch = TensorDictChannel(1)
+        ch = TensorDictChannel(1, transport=transport)
         in_flight: collections.deque = collections.deque()
         for i in range(hops):
             if len(in_flight) >= depth:
@@ -145,11 +169,13 @@ def soak_rank(rank: int, world: int, hops: int, depth: int, every: int, out_dir:
         REAPER.drain(60)
         samples.append(_sample(rank, -1, t0, ch))  # after the drain: hop -1, the final state
     else:
-        ch = TensorDictChannel(0)
+        ch = TensorDictChannel(0, transport=transport)
         pending: collections.deque = collections.deque()
         posted = 0
         for i in range(hops):
-            while posted < hops and len(pending) < depth:
+            # never post across a sampling point, so that samples are taken with nothing in flight
+            limit = min(hops, (i // every + 1) * every)
+            while posted < limit and len(pending) < depth:
                 pending.append(ch.irecv())
                 posted += 1
             got = pending.popleft().wait()
@@ -160,74 +186,206 @@ def soak_rank(rank: int, world: int, hops: int, depth: int, every: int, out_dir:
                 raise AssertionError(f"hop {i}: the received dict differs from the one sent")
             del got, want
             if (i + 1) % every == 0:
-                samples.append(_sample(rank, i + 1, t0))
-        ch.close()
+                assert not pending
+                samples.append(_sample(rank, i + 1, t0, ch))
         REAPER.drain(60)
         samples.append(_sample(rank, -1, t0, ch))
     with open(os.path.join(out_dir, f"soak{rank}.json"), "w") as f:
-        json.dump([asdict(s) for s in samples], f)
+        json.dump({"transport": ch.transport, "samples": [asdict(s) for s in samples]}, f)
 
 
-def _entry(rank: int, world: int, init_file: str, args: tuple, timeout_s: float) -> None:
+def varying_tokens(hops: int, seed: int, lo: int = 1000, hi: int = 4000) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(hops)]
+
+
+def _varying_dict(i: int, tokens: int, hidden: int) -> dict[str, torch.Tensor]:
+    h = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    h.view(torch.int16).fill_(i)  # cheap, and distinct per hop
+    r = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    r.view(torch.int16).fill_(-i)
+    return {"hidden_states": h, "residual": r}
+
+
+def varying_rank(
+    rank: int, world: int, hops: int, hidden: int, seed: int, out_dir: str, transport: str = "auto"
+) -> None:
+    """One rank of the varying-token run; writes the RSS after every hop."""
+    from pipepack.pp import TensorDictChannel, flush, recv_tensor_dict, send_tensor_dict
+
+    del world
+    tokens = varying_tokens(hops, seed)
+    peer = 1 - rank
+    ch = TensorDictChannel(peer, transport=transport)  # fixes the link's transport
+    rss = [rss_bytes()]
+    t0 = time.monotonic()
+    for i, t in enumerate(tokens):
+        if rank == 0:
+            send_tensor_dict(_varying_dict(i, t, hidden), peer)
+        else:
+            got = recv_tensor_dict(peer)
+            h, r = got["hidden_states"], got["residual"]
+            if tuple(h.shape) != (t, hidden) or tuple(r.shape) != (t, hidden):
+                raise AssertionError(
+                    f"hop {i}: shapes {h.shape} {r.shape}, expected ({t}, {hidden})"
+                )
+            for x, v in ((h, i), (r, -i)):  # first, middle and last element of each key
+                flat = x.view(torch.int16).reshape(-1)
+                idx = torch.tensor([0, flat.numel() // 2, flat.numel() - 1])
+                if not bool((flat[idx] == torch.tensor(v, dtype=torch.int16)).all()):
+                    raise AssertionError(f"hop {i}: wrong bytes")
+            del got, h, r, x, flat
+        rss.append(rss_bytes())
+    flush(60)
+    pools = _pools(ch)
+    with open(os.path.join(out_dir, f"varying{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "rank": rank,
+                "transport": ch.transport,
+                "tokens": tokens,
+                "hidden": hidden,
+                "rss": rss,
+                "seconds": time.monotonic() - t0,
+                "pool_cap_bytes": [p.cap_bytes for p in pools],
+                "pool_idle_bytes": [p.idle_bytes for p in pools],
+                "pool_hits": [p.hits for p in pools],
+                "pool_misses": [p.misses for p in pools],
+            },
+            f,
+        )
+
+
+def _entry(rank: int, world: int, init_file: str, fn: Any, args: tuple, timeout_s: float) -> None:
     torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
-        soak_rank(rank, world, *args)
+        fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run(hops: int, depth: int, every: int, timeout_s: float = 120.0) -> dict[int, list[Sample]]:
-    """Runs the soak on two fork-started local ranks; returns each rank's samples."""
+def _launch(fn: Any, args: tuple, timeout_s: float) -> None:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_entry, args=(2, os.path.join(tmp, "init"),
-                                         (hops, depth, every, tmp), timeout_s),
-                           nprocs=2, start_method="fork")
-        return {r: load(os.path.join(tmp, f"soak{r}.json")) for r in range(2)}
+        mp.start_processes(
+            _entry,
+            args=(2, os.path.join(tmp, "init"), fn, args, timeout_s),
+            nprocs=2,
+            start_method="fork",
+        )
+
+
+def run(
+    hops: int, depth: int, every: int, transport: str = "auto", timeout_s: float = 120.0
+) -> dict[int, list[Sample]]:
+    """Runs the steady soak on two fork-started local ranks; returns each rank's samples."""
+    with tempfile.TemporaryDirectory() as out:
+        _launch(soak_rank, (hops, depth, every, out, transport), timeout_s)
+        return {r: load(os.path.join(out, f"soak{r}.json")) for r in range(2)}
+
+
+def run_varying(
+    hops: int, hidden: int, seed: int = 0, transport: str = "auto", timeout_s: float = 300.0
+) -> dict[int, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as out:
+        _launch(varying_rank, (hops, hidden, seed, out, transport), timeout_s)
+        return {r: json.load(open(os.path.join(out, f"varying{r}.json"))) for r in range(2)}
 
 
 def load(path: str) -> list[Sample]:
     with open(path) as f:
-        return [Sample(**s) for s in json.load(f)]
+        return [Sample(**s) for s in json.load(f)["samples"]]
+
+
+def growth_mib(record: dict[str, Any]) -> float:
+    """RSS growth of one side of the varying run: the peak minus the RSS before the first hop."""
+    rss = record["rss"]
+    return (max(rss) - rss[0]) / (1 << 20)
 
 
 def table(samples: dict[int, list[Sample]]) -> str:
-    lines = ["|   hop | s (rank 0) | RSS MiB r0 | RSS MiB r1 | threads r0/r1 | live tensors r0/r1 "
-             "| of which pooled r0 | reaper pending r0 |",
-             "|------:|-----------:|-----------:|-----------:|--------------:|------------------:"
-             "|-------------------:|------------------:|"]
+    lines = [
+        "|   hop | s (rank 0) | RSS MiB r0 | RSS MiB r1 | threads r0/r1 | live tensors r0/r1 "
+        "| pooled r0/r1 | pooled MiB r0/r1 | reaper pending r0 |",
+        "|------:|-----------:|-----------:|-----------:|--------------:|------------------:"
+        "|-------------:|-----------------:|------------------:|",
+    ]
     for a, b in zip(samples[0], samples[1]):
         hop = "end" if a.hop < 0 else str(a.hop)
-        lines.append(f"| {hop:>5} | {a.elapsed_s:10.1f} | {a.rss_mib:10.2f} | {b.rss_mib:10.2f} "
-                     f"| {a.threads:>6} / {b.threads:<5} | {a.live_tensors:>8} / "
-                     f"{b.live_tensors:<7} | {a.pooled_buffers:>18} | {a.reaper_pending:>17} |")
+        lines.append(
+            f"| {hop:>5} | {a.elapsed_s:10.1f} | {a.rss_mib:10.2f} | {b.rss_mib:10.2f} "
+            f"| {a.threads:>6} / {b.threads:<5} | {a.live_tensors:>8} / "
+            f"{b.live_tensors:<7} | {a.pooled_buffers:>5} / {b.pooled_buffers:<5} "
+            f"| {a.pooled_bytes / 2**20:7.1f} / {b.pooled_bytes / 2**20:<7.1f} "
+            f"| {a.reaper_pending:>17} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hops", type=int, default=10_000)
-    p.add_argument("--depth", type=int, default=3, help="micro-batches in flight")
-    p.add_argument("--every", type=int, default=500, help="sample every N hops")
+    p.add_argument("--run", choices=("steady", "varying"), default="steady")
+    p.add_argument("--hops", type=int, default=None, help="default: 10000 (steady), 200 (varying)")
+    p.add_argument("--depth", type=int, default=3, help="micro-batches in flight (steady)")
+    p.add_argument("--every", type=int, default=500, help="sample every N hops (steady)")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size (varying)")
+    p.add_argument("--seed", type=int, default=0, help="token-count draws (varying)")
+    p.add_argument("--transport", choices=("auto", "dist", "shm"), default="auto")
     p.add_argument("--out", help="write every sample (and versions) to this JSON file")
     args = p.parse_args(argv)
     t0 = time.monotonic()
-    samples = run(args.hops, args.depth, args.every, timeout_s=max(120.0, args.hops / 50))
-    wall = time.monotonic() - t0
-    print(f"# soak: {args.hops} hops, {args.depth} in flight, torch {torch.__version__}, "
-          f"{platform.machine()}, {os.cpu_count()} cores, {wall:.1f} s "
-          f"({wall / args.hops * 1e6:.0f} us/hop)")
-    print(table(samples))
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "transport": args.transport,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    if args.run == "steady":
+        hops = args.hops or 10_000
+        samples = run(hops, args.depth, args.every, args.transport, timeout_s=max(120.0, hops / 50))
+        wall = time.monotonic() - t0
+        print(
+            f"# soak: {hops} hops, {args.depth} in flight, {args.transport}, torch "
+            f"{torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, {wall:.1f} s "
+            f"({wall / hops * 1e6:.0f} us/hop)"
+        )
+        print(table(samples))
+        record = {
+            **meta,
+            "hops": hops,
+            "depth": args.depth,
+            "samples": {r: [asdict(s) for s in v] for r, v in samples.items()},
+        }
+    else:
+        hops = args.hops or 200
+        res = run_varying(hops, args.hidden, args.seed, args.transport)
+        wall = time.monotonic() - t0
+        print(
+            f"# varying tokens: {hops} hops of 2 x [1000..4000, {args.hidden}] bf16, "
+            f"{args.transport} (now {res[0]['transport']}), {wall:.1f} s"
+        )
+        for r in (0, 1):
+            side = "sender" if r == 0 else "receiver"
+            print(
+                f"{side}: RSS {res[r]['rss'][0] / 2**20:.0f} MiB before, peak "
+                f"{max(res[r]['rss']) / 2**20:.0f} MiB, growth {growth_mib(res[r]):.0f} MiB; "
+                f"pool caps {[c >> 20 for c in res[r]['pool_cap_bytes']]} MiB, hits "
+                f"{res[r]['pool_hits']}, misses {res[r]['pool_misses']}"
+            )
+        record = {**meta, "hops": hops, "hidden": args.hidden, "results": res}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hops": args.hops, "depth": args.depth, "torch": torch.__version__,
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                       "samples": {r: [asdict(s) for s in v] for r, v in samples.items()}},
-                      f, indent=1)
+            json.dump(record, f, indent=1)
     return 0
 
 
