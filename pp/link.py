@@ -755,6 +755,12 @@ class Link:
                 keep.append(cpu)
             buffers["cpu"] = cpu
         if frame.dev_nbytes:
+            if not _has_device(frame.dev_type):
+                raise WireError(
+                    f"{where}: the peer sent a {frame.dev_type} payload of "
+                    f"{frame.dev_nbytes} bytes, and this process has no "
+                    f"{frame.dev_type} device to receive it"
+                )
             dev = torch.device(frame.dev_type, _current_index(frame.dev_type))
             dbuf = torch.empty(frame.dev_nbytes, dtype=torch.uint8, device=dev)
             works.append(transport.irecv(dbuf, self.peer_global, self.group, 0, what, self._gpeer))
@@ -800,6 +806,14 @@ def _frame_tail(f: hop.Frame) -> tuple:
         f.tp_world,
         f.dev_nbytes,
     )
+
+
+def _has_device(device_type: str) -> bool:
+    mod = getattr(torch, device_type, None)
+    try:
+        return bool(mod is not None and mod.is_available())
+    except Exception:  # noqa: BLE001 - a backend that cannot even say
+        return False
 
 
 def _current_index(device_type: str) -> int | None:

@@ -921,13 +921,6 @@ def test_head_whose_body_ends_after_a_key_is_refused_naming_peer_and_step(tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="about a receiver without CUDA")
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: pp/link.py _read allocates the announced device buffer "
-    "(torch.empty(frame.dev_nbytes, device=...)) outside any guard: on a receiver without "
-    "that device it raises AssertionError('Torch not compiled with CUDA enabled'), naming "
-    "neither peer nor step, and marks the link out of step",
-)
 def test_device_payload_announced_to_a_receiver_without_the_device(tmp_path) -> None:
     body = _body([("x", True)], [(F32, 1, DEVICE_CODES["cuda"], 0)], [4])
     head, data = _hop(body, b"", dev_type="cuda", dev_nbytes=16)
