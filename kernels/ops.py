@@ -4,6 +4,18 @@ Every op checks its inputs, then either runs the pure-torch path (the default fo
 or builds one segment table and launches the Triton kernel once (the default for CUDA tensors).
 ``impl="triton"`` forces the kernel; on CPU tensors that needs ``TRITON_INTERPRET=1`` set before
 ``pipepack.kernels`` is imported (the tests do this).
+
+Repeat calls: a table is cached per (op, layout, and each tensor's dtype, shape, strides,
+address mod 16 and device); the addresses themselves go to the kernel as arguments, so fresh
+buffers and fresh tensors every hop reuse it, and a hit skips the input checks (the first call
+of that key made them). On CPU the torch path copies in the calling thread (numpy for large
+entries), never in torch's intra-op pool.
+
+CUDA graphs: a decode step's ``pack`` / ``unpack_into`` / ``reassemble_into`` capture and
+replay. Build the plans before capturing (one call with the same tensors' shapes and strides,
+e.g. on a side stream, as ``torch.cuda.graphs`` warm-up does), then capture the same calls:
+the captured launch reads the tensors and buffers at their capture-time addresses, so keep
+them static (the usual rule for graph inputs). A table a graph captured is never freed.
 """
 
 from __future__ import annotations
@@ -195,12 +207,13 @@ def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     np.copyto(d, s, casting="no")
 
 
-def _copy_entry(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """One entry's copy on the torch path: numpy on CPU (single-threaded), else ``copy_``."""
-    if dst.device.type == "cpu":
-        _cpu_copy(dst, src)
-    else:
-        dst.copy_(src)
+def _device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _copier(device: torch.device):
+    """The torch path's per-entry copy for ``device``: single-threaded on CPU, else ``copy_``."""
+    return _cpu_copy if device.type == "cpu" else _device_copy
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -327,9 +340,10 @@ def _pack_checked(tensors, out, layout, impl, names) -> torch.Tensor:
     if _pick_impl(impl, device or out.device) == "torch":
         # one same-dtype copy per entry: exact bits (a fused _foreach_copy_ on CUDA goes
         # through float and rewrites NaN payloads of fp16/bf16/fp8)
+        copy = _copier(out.device)
         for v, t in zip(unpack(out, layout), tensors):
             if v.numel():
-                _copy_entry(v, t)
+                copy(v, t)
         return out
     specs, ptrs = _specs(tensors)
     # the output side is relative to out's address (slot 1), each source to its own pointer
@@ -452,9 +466,10 @@ def unpack_into(
         o if tuple(o.shape) == e.shape else o[: e.shape[0]] for o, e in zip(outs, layout.entries)
     ]
     if _pick_impl(impl, buffer.device) == "torch":
+        copy = _copier(buffer.device)
         for v, src in zip(views, unpack(buffer, layout)):
             if v.numel():
-                _copy_entry(v, src)
+                copy(v, src)
         return
     specs, ptrs = _specs(outs)
     plan = _plan(
@@ -710,6 +725,7 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
 def _reassemble_torch(gathered, layout, flags, part, part_layout, views) -> None:
     """One typed ``[W, n/W]`` block copy per sliced entry, one copy per whole entry."""
     world = gathered.shape[0]
+    copy = _copier(gathered.device)
     n_sliced = sum(flags)
     sliced_entries = iter(part_layout.entries[:n_sliced])
     whole_entries = iter(part_layout.entries[n_sliced:])
@@ -720,13 +736,13 @@ def _reassemble_torch(gathered, layout, flags, part, part_layout, views) -> None
         if f:
             src = gathered[:, pe.offset : pe.offset + pe.nbytes].view(e.dtype)
             if v.is_contiguous():
-                _copy_entry(v.view(world, -1), src)
+                copy(v.view(world, -1), src)
             else:  # rank slices end mid-row of a strided destination: stage them in order
                 staged = torch.empty(e.shape, dtype=e.dtype, device=v.device)
-                _copy_entry(staged.view(world, -1), src)
-                _copy_entry(v, staged)
+                copy(staged.view(world, -1), src)
+                copy(v, staged)
         else:
-            _copy_entry(v, part[pe.offset : pe.offset + pe.nbytes].view(e.dtype).view(e.shape))
+            copy(v, part[pe.offset : pe.offset + pe.nbytes].view(e.dtype).view(e.shape))
 
 
 def reassemble_reference(
