@@ -216,7 +216,7 @@ def _valid_frames(draw: Any) -> Frame:
     body_len = draw(st.integers(0, 5000))
     flags = draw(st.sampled_from([0, F_PICKLED, F_SLICED, F_PICKLED | F_SLICED]))
     dev = draw(st.sampled_from([None, "cuda", "xpu", "hpu", "mps"]))
-    dev_n = draw(st.integers(0, 1 << 40)) if dev else 0
+    dev_n = draw(st.integers(0, DEFAULT_LIMITS.max_payload_bytes)) if dev else 0
     seq = draw(st.integers(0, (1 << 64) - 1))
     tp = draw(st.integers(1, 0xFFFF))
     if inline:
@@ -224,7 +224,7 @@ def _valid_frames(draw: Any) -> Frame:
         head = align16(64 + body_len) + cpu
         return Frame(flags | F_INLINE, seq, head, body_len, cpu, 0, dev, tp, dev_n)
     head = 64 + draw(st.integers(0, body_len))
-    cpu = draw(st.integers(0, 1 << 36))
+    cpu = draw(st.integers(0, DEFAULT_LIMITS.max_payload_bytes))
     chunk = 0
     if cpu:
         lo = max(4096, -(-cpu // (1 << 20)))
