@@ -28,6 +28,14 @@ from pipepack.kernels import _copy, plan_layout
 
 CANARY = 0xA5
 
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Every test plans its own copies: a plan cached by an earlier test (or inherited by a
+    forked test worker, as mutation testing runs them) would hide the planning code from it."""
+    K.clear_plan_cache()
+    yield
+
 ALL_DTYPES = [
     torch.bfloat16,
     torch.float16,

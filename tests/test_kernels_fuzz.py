@@ -32,6 +32,14 @@ import pipepack.kernels as K
 from pipepack.kernels import SUPPORTED_DTYPES, plan_layout
 
 CANARY = 0xA5
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Every test plans its own copies: a plan cached by an earlier test (or inherited by a
+    forked test worker, as mutation testing runs them) would hide the planning code from it."""
+    K.clear_plan_cache()
+    yield
 SEED = int(os.environ.get("PIPEPACK_FUZZ_SEED", 20261201))
 N_CASES = int(os.environ.get("PIPEPACK_FUZZ_CASES", 400))
 N_SLOW = 4000
