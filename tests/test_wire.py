@@ -312,8 +312,9 @@ _LIM = DEFAULT_LIMITS
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_frame_refusals(data: bytes, match: str) -> None:
-    with pytest.raises(WireError, match=match):
+    with pytest.raises(WireError, match=match) as e:
         decode_frame(data, capacity=CAP, limits=DEFAULT_LIMITS)
+    assert str(e.value).startswith("frame: ")  # the link prefixes peer and step
     assert _ref_frame(data, CAP, DEFAULT_LIMITS) is None
 
 
@@ -571,8 +572,9 @@ def _tensor_body(dims: list[int], code: int = F32, ndim: int | None = None) -> b
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_body_refusals(body: bytes, limits: Limits, match: str) -> None:
-    with pytest.raises(WireError, match=match):
+    with pytest.raises(WireError, match=match) as e:
         decode_schema(body, limits=limits)
+    assert str(e.value).startswith("header: ")
     assert _ref_schema(body, limits) is None
 
 
@@ -1095,9 +1097,49 @@ def test_self_referencing_list_is_refused() -> None:
     ids=repr,
 )
 def test_decode_value_refusals(data: bytes, match: str) -> None:
-    with pytest.raises(WireError, match=match):
+    with pytest.raises(WireError, match=match) as e:
         _dec(data)
+    assert str(e.value).startswith(("value: ", "the peer sent a pickled value"))
     assert _ref_value(data, 0, _RefBudget(1 << 20, 32, 0))[1] < 0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x07\x05\x00\x00\x00ab", "value: length 5 at offset 0 runs past the end"),
+        (
+            b"\x09\x02\x00\x00\x00\x01\x08\x09\x00\x00\x00",
+            "value: length 9 at offset 6 runs past the end",
+        ),
+        (
+            b"\x09\x01\x00\x00\x00\x07\x01\x00\x00\x00\xff",
+            "value: str at offset 5 is not valid utf-8",
+        ),
+        (b"\x01\x63", "value: unknown tag 99 at offset 1"),
+    ],
+)
+def test_decode_value_messages_name_the_offset(data: bytes, message: str) -> None:
+    with pytest.raises(WireError) as e:
+        pos = 1 if data[:2] == b"\x01\x63" else 0
+        decode_value(
+            data,
+            pos,
+            items=64,
+            max_depth=8,
+            allow_pickle=False,
+            tensor=lambda i: None,
+            first_tensor=0,
+        )
+    assert str(e.value) == message
+
+
+def test_frame_is_immutable() -> None:
+    import dataclasses
+
+    f = _inline_frame()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.seq = 4  # type: ignore[misc]
+    assert hash(f) == hash(_inline_frame())
 
 
 def test_decode_value_reports_where_it_ended() -> None:
