@@ -86,7 +86,7 @@ def host_identity() -> bytes:
 class _Incoming:
     """One posted head receive and what became of it."""
 
-    __slots__ = ("seq", "buf", "handle", "opts", "advanced", "result", "error")
+    __slots__ = ("seq", "buf", "handle", "opts", "advanced", "result", "error", "__weakref__")
 
     def __init__(self, seq: int, buf: torch.Tensor, handle: Handle, opts: Any) -> None:
         self.seq = seq
@@ -491,8 +491,9 @@ class Link:
         with self._send_lock:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
+            t = timeout if timeout is not None else self.timeout
             r = self._send_ring.reserve(
-                inline_len, timeout if timeout is not None else self.timeout, what=what
+                inline_len, _RING_DEFAULT_TIMEOUT if t is None else t, what=what
             )
             try:
                 slot = r.payload
@@ -601,7 +602,9 @@ class Link:
         hop's payload receives are posted (and its bytes move) while the caller computes."""
         inc = self.post(opts)
         with self._progress_cv:
-            self._progress.append(inc)
+            # weakly: a receive its caller already completed must not be kept (with its views,
+            # and so its buffer or ring slot) by a progress thread that is behind
+            self._progress.append(weakref.ref(inc))
             if self._progress_thread is None or not self._progress_thread.is_alive():
                 self._progress_thread = threading.Thread(
                     target=self._run_progress, name=f"pipepack-recv-{self.peer_global}", daemon=True
@@ -617,7 +620,9 @@ class Link:
                     if not self._progress_cv.wait(timeout=5.0) and not self._progress:
                         self._progress_thread = None
                         return
-                inc = self._progress.popleft()
+                inc = self._progress.popleft()()
+            if inc is None or inc.advanced:
+                continue
             try:
                 self.advance(inc, None)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
@@ -644,7 +649,8 @@ class Link:
                     arrival = None
                     if self.recv_mode == "shm":
                         arrival = self._ring.wait(
-                            left, what=f"receive #{front.seq} from {self.name}"
+                            _RING_DEFAULT_TIMEOUT if left is None else left,
+                            what=f"receive #{front.seq} from {self.name}",
                         )
                     else:
                         if front.handle is None:
@@ -900,6 +906,8 @@ def reset_links() -> None:
 
 
 DEFAULT_TRANSPORT = os.environ.get("PIPEPACK_TRANSPORT", "auto")
+# a ring wait without a channel timeout is bounded like torch.distributed's default one
+_RING_DEFAULT_TIMEOUT = dist.default_pg_timeout.total_seconds()
 # held strongly until exit: a link dies with its process group (destroy_process_group), but
 # hops its send ring already published must still reach the peer (close(linger=...) at exit)
 _RINGS: set = set()

@@ -567,3 +567,30 @@ def test_send_wait_with_timeout_while_the_reaper_waits(tmp_path) -> None:
     """handle.wait(timeout) on a send the reaper is already waiting on honours the timeout (the
     peer only receives after this side timed out: without the timeout it would never return)."""
     run_ranks(2, _send_timeout_body, str(tmp_path), timeout_s=TIMEOUT_S)
+
+
+def _lagging_progress_body(rank: int, world: int) -> None:
+    _use("shm")
+    n, rows = 8, 192  # 1.5 MiB hops: zero-copy ring slots, 4 slots in the ring
+    if rank == 0:
+        ch = TensorDictChannel(1, timeout=20)
+        send_tensor_dict({"k": 0})
+        _link(1).wait_hello(20)
+        for k in range(1, n):
+            ch.isend({"k": k, "x": torch.full((rows, 1024), float(k), dtype=torch.float64)})
+        ch.drain(20)
+        return
+    link = _link(0)
+    # a progress thread that never gets to its queue (a busy machine, at worst): what it queued
+    # must not keep completed receives, and with them their ring slots, alive
+    link._run_progress = lambda: None
+    ch = TensorDictChannel(0, timeout=20)
+    recv_tensor_dict()  # let the sender switch to the ring first (hop 0 on gloo)
+    for k in range(1, n):
+        got = ch.irecv().wait()
+        assert got["k"] == k and float(got["x"][0, 0]) == k
+        del got
+
+
+def test_a_lagging_progress_thread_does_not_hold_ring_slots() -> None:
+    run_ranks(2, _lagging_progress_body, timeout_s=TIMEOUT_S)
