@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(layers=4, tokens=16, microbatches=64, repeats=9, depth=2)
     p.add_argument("--stage-counts", type=int, nargs="+", default=[2, 4])
     p.add_argument("--transports", nargs="+", default=["per_tensor", "pipepack",
-                                                       "pipepack_static"],
+                                                       "pipepack_static", "pipepack_shm"],
                    choices=pipeline.TRANSPORTS)
     p.add_argument("--out", help="write the JSON records here")
     args = p.parse_args(argv)

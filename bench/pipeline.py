@@ -13,9 +13,11 @@ Stage s, TP rank r is global rank ``s * tp + r``; it receives from rank ``(s - 1
 sends to ``(s + 1) * tp + r``. TP ranks hold replicated weights and compute the same thing; on
 the wire each sends its TP slice and the receivers rebuild the full tensors with an all-gather.
 Transports:
-  pipepack          TensorDictChannel, header path (schema cached, CPU payload inline)
-  pipepack_static   TensorDictChannel with a Declared layout (no header; the token counts are
-                    known to every rank) and wait_into static input buffers (CUDA-graph style)
+  pipepack          TensorDictChannel over torch.distributed (one self-describing hop)
+  pipepack_static   TensorDictChannel with a Declared layout (checked on both ends; the token
+                    counts are known to every rank) and wait_into static input buffers
+                    (CUDA-graph style), over torch.distributed
+  pipepack_shm      TensorDictChannel over the same-host shared-memory ring (CPU, gloo only)
   per_tensor        the vLLM-style baseline: pickled metadata in two messages on the CPU group,
                     then one send per tensor (TP: one all-gather per tensor on the receiver)
 Every rank builds the same micro-batches (varying token counts); the last stage rebuilds the
@@ -42,7 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_p2p  # noqa: E402  (the per-tensor baseline lives there)
 
-from pipepack.pp import REAPER, Declared, StageDriver, TensorDictChannel  # noqa: E402
+from pipepack.pp import Declared, StageDriver, TensorDictChannel, flush  # noqa: E402
 from pipepack.pp.refmodel import (  # noqa: E402
     ModelConfig,
     boundary_example,
@@ -51,7 +53,7 @@ from pipepack.pp.refmodel import (  # noqa: E402
     sample_tokens,
 )
 
-TRANSPORTS = ["pipepack", "pipepack_static", "per_tensor"]
+TRANSPORTS = ["pipepack", "pipepack_static", "pipepack_shm", "per_tensor"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -168,12 +170,20 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
     module = build_stage(config, stage, stages, device)
     example = boundary_example(config, device)
 
+    # the ring needs a group of its own: one (group, peer) has one link and one transport
+    shm_group = dist.new_group(backend="gloo") if "pipepack_shm" in transports else None
+
     def channel(peer: int, transport: str):
         if transport == "per_tensor":
             return PerTensorChannel(peer, bench_p2p.Ctx(group, cpu_group, device, tp_group))
+        if transport == "pipepack_shm":
+            if device.type != "cpu":
+                raise SystemExit("pipepack_shm carries CPU payloads; use the gloo backend")
+            return TensorDictChannel(peer, group=shm_group, cpu_group=shm_group,
+                                     all_gather_group=tp_group, transport="shm")
         declared = Declared.from_example(example) if transport == "pipepack_static" else None
         return TensorDictChannel(peer, group=group, cpu_group=cpu_group,
-                                 all_gather_group=tp_group, declared=declared)
+                                 all_gather_group=tp_group, declared=declared, transport="dist")
 
     drivers = {}
     for transport in transports:
@@ -207,7 +217,7 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
                 ok &= all(_same_bytes(o["logits"], r) for o, r in zip(outs, ref, strict=True))
             if i >= args.warmup:
                 times[transport].append(dt)
-            REAPER.drain()  # nothing of this transport left on the wire before the next one
+            flush()  # nothing of this transport left on the wire before the next one
             if isinstance(driver.send_channel, PerTensorChannel):
                 driver.send_channel.drain()
     for driver in drivers.values():
@@ -257,7 +267,7 @@ def _forked(rank: int, world: int, init_file: str, args, transports, out_dir: st
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(records, f)
     finally:
-        REAPER.drain(timeout=60)
+        flush(timeout=60)
         dist.destroy_process_group()
 
 
@@ -307,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             records = pipeline_rank(args)
         finally:
-            REAPER.drain(timeout=60)
+            flush(timeout=60)
             dist.destroy_process_group()
         return 0 if all(r["match"] for r in records) else 1
     if args.backend != "gloo":
