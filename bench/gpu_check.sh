@@ -115,13 +115,16 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 if timeout 60 "$PY" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST+=(--timeout=120)
 fi
-# the whole suite: kernel tests run the compiled kernels on CUDA, the pp tests run over gloo
-# on this machine's CPUs with its torch (a second torch version for the transport)
-step all_tests 200 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" tests/
+# the GPU tests first (compiled kernels, fused ops, graphs), then the rest of the suite: the pp
+# tests run over gloo / the same-host ring on this machine's CPUs with its torch
+step gpu_tests 150 "$OUTDIR/gpu_tests.log" "${PYTEST[@]}" -m gpu tests/
+step all_tests 200 "$OUTDIR/all_tests.log" "${PYTEST[@]}" -m "not slow" -x tests/
 
 # ----------------------------------------------------------------------------- kernel benchmark
 step bench_kernels 240 "$OUTDIR/bench_kernels.log" "$PY" bench/bench_kernels.py --out "$OUTDIR"
 for f in "$OUTDIR"/kernels_*.json; do cp -f "$f" bench/results/; done
+# fused receive op (unpack_add_rmsnorm) vs unpack + add + RMSNorm, fold / fp8 send: device µs
+step bench_fused 120 "$OUTDIR/bench_fused.log" "$PY" bench/bench_fused.py --quick --out "$OUTDIR"
 
 # ============================================================================================
 # tuning sweep: block size and warps of the contiguous path, block size of the strided path
