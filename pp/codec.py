@@ -235,13 +235,14 @@ class _Decoded:
     parts: dict[str, Part]
 
 
-_SCHEMA_MEMO: dict[tuple[int, bytes], _Decoded] = {}
+_SCHEMA_MEMO: dict[tuple[int, Limits, bytes], _Decoded] = {}
 _MEMO_LOCK = threading.Lock()
 
 
 def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
     values_len = int.from_bytes(body[4:8], "little") if len(body) >= 8 else 0
-    key = (tp_world, body[: len(body) - values_len] if values_len <= len(body) else body)
+    # keyed by the limits too: a schema accepted under loose limits is checked again
+    key = (tp_world, limits, body[: len(body) - values_len] if values_len <= len(body) else body)
     hit = _SCHEMA_MEMO.get(key)
     if hit is not None:
         return hit
@@ -324,7 +325,11 @@ def decode(
                 e = p.layout.entries[j]
                 views[i] = torch.empty(e.shape, dtype=e.dtype, device="meta")
             continue
-        buf = buffers[dev]
+        buf = buffers.get(dev)
+        if buf is None:  # every tensor on this device is empty: no bytes travelled
+            if p.wire_layout.nbytes:
+                raise WireError(f"no {dev} payload for {p.wire_layout.nbytes} bytes of tensors")
+            buf = torch.empty(0, dtype=torch.uint8, device=_empty_device(dev))
         wire_views = unpack(buf, p.wire_layout)
         for w, j in enumerate(p.wire_order):
             views[p.index[j]] = wire_views[w]
@@ -373,6 +378,13 @@ def decode(
 
         post.append(finish)
     return out, post
+
+
+def _empty_device(dev: str) -> str:
+    mod = getattr(torch, dev, None)
+    if dev != "cpu" and not (mod is not None and mod.is_available()):
+        raise WireError(f"the peer sent empty {dev} tensors and this process has no {dev} device")
+    return dev
 
 
 def _reassembler(views: list, p: Part, buf: torch.Tensor, tp: TP) -> Callable[[], None]:

@@ -169,7 +169,7 @@ class Link:
         self._send_broken: BaseException | None = None
         self._send_failed: Handle | None = None
         self._sent: collections.deque[Handle] = collections.deque()
-        self.send_pool = BufferPool()
+        self.send_pool = BufferPool(max_ratio=float("inf"))
         # receive side
         self._post_lock = threading.Lock()
         self._advance_lock = threading.Lock()

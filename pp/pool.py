@@ -2,12 +2,12 @@
 
 Fresh multi-MiB buffers cost page faults on every hop, and with token counts changing every
 hop a pool keyed by exact size never hits. So a request of ``n`` bytes takes the smallest idle
-buffer of ``n`` to ``2n`` bytes, and a new buffer is allocated at ``n`` rounded up to one of 8
-size classes per power of two (at most 12.5% over). Buffers handed out are tracked; one
-becomes idle again only when nothing can read it any more (no view, no storage object, no
-pending transfer: :func:`pipepack.pp._private.unshared`). Idle bytes are capped at
-``max(min_idle_bytes, 2 x the largest request seen)`` (two of the largest hops), oldest dropped
-first. Requests under ``SMALL`` bytes go straight to the allocator, which serves them well.
+buffer of ``n`` to ``2n`` bytes (any that fits, for internal send buffers), and a new buffer is
+allocated at ``n`` rounded up to one of 8 size classes per power of two (at most 12.5% over).
+Buffers handed out are tracked; one becomes idle again only when nothing can read it any more
+(no view, no storage object, no pending transfer: :func:`pipepack.pp._private.unshared`). Idle
+bytes are capped at ``max(min_idle_bytes, 2 x the largest request seen)`` (two of the largest
+hops), oldest dropped first. Requests under ``SMALL`` bytes go straight to the allocator.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ def size_class(n: int) -> int:
 
 
 class BufferPool:
-    def __init__(self, min_idle_bytes: int = 32 << 20) -> None:
+    def __init__(self, min_idle_bytes: int = 32 << 20, max_ratio: float = 2.0) -> None:
+        """``max_ratio``: the largest buffer a request may take, in multiples of its size (2 for
+        buffers whose views are handed out, so they pin at most twice their bytes; internal
+        send buffers may take any that fits)."""
         self._idle: list[torch.Tensor] = []
         self._out: collections.deque[torch.Tensor] = collections.deque()
         self._idle_bytes = 0
         self._largest = 0
         self._min_idle = min_idle_bytes
+        self._max_ratio = max_ratio
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -96,7 +100,9 @@ class BufferPool:
         best = None
         for i, b in enumerate(self._idle):
             n = b.numel()
-            if nbytes <= n <= 2 * nbytes and (best is None or n < self._idle[best].numel()):
+            if nbytes <= n <= self._max_ratio * nbytes and (
+                best is None or n < self._idle[best].numel()
+            ):
                 best = i
         if best is None:
             return None

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipepack.kernels import Layout, pack
@@ -635,25 +635,6 @@ def _ref_schema(body: bytes, limits: Limits) -> tuple | None:
     return tuple(keys), tuple(kinds), tuple(tensors), pos, values_len
 
 
-def _cut_at_a_kind_byte(body: bytes, limits: Limits) -> bool:
-    """True for a body that ends exactly where a key's kind byte is due: the open core bug of
-    ``test_body_cut_right_after_a_key_is_a_wire_error`` (IndexError). The fuzz tests set such
-    bodies aside until it is fixed; then this helper and its two uses go."""
-    try:
-        n_keys = struct.unpack_from("<H", body, 0)[0]
-        pos = 8
-        for _ in range(n_keys):
-            (n,) = struct.unpack_from("<H", body, pos)
-            if n > limits.max_key_bytes or pos + 2 + n > len(body):
-                return False
-            if pos + 2 + n == len(body):
-                return True
-            pos += n + 3
-    except struct.error:
-        return False
-    return False
-
-
 def _schema_fields(s: hop.Schema) -> tuple:
     return s.keys, s.is_tensor, s.tensors, s.values_at, s.values_len
 
@@ -709,7 +690,6 @@ def test_fuzz_mutated_bodies_decode_exactly_as_the_reference(
     else:
         del data[pos : pos + width]
     data = bytes(data)
-    assume(not _cut_at_a_kind_byte(data, _FUZZ_LIM))
     want = _ref_schema(data, _FUZZ_LIM)
     try:
         got = decode_schema(data, limits=_FUZZ_LIM)
@@ -721,11 +701,6 @@ def test_fuzz_mutated_bodies_decode_exactly_as_the_reference(
     assert _reencode_body(got, data) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: pp/wire/hop.py decode_schema reads the kind "
-    "byte outside its struct.error guard (see test_body_cut_right_after_a_key...)",
-)
 @_FUZZ
 @given(st.sampled_from(range(len(_BODY_BASES))), st.integers(0, 200))
 def test_fuzz_cut_bodies_decode_exactly_as_the_reference(base: int, cut: int) -> None:
@@ -742,7 +717,6 @@ def test_fuzz_cut_bodies_decode_exactly_as_the_reference(base: int, cut: int) ->
 @_FUZZ
 @given(st.binary(max_size=120))
 def test_fuzz_random_bodies_decode_exactly_as_the_reference(data: bytes) -> None:
-    assume(not _cut_at_a_kind_byte(data, _FUZZ_LIM))
     want = _ref_schema(data, _FUZZ_LIM)
     try:
         got = decode_schema(data, limits=_FUZZ_LIM)
@@ -1555,12 +1529,6 @@ def test_receiver_applies_its_own_limits_to_the_body() -> None:
         local_hop(d, recv_limits=Limits(max_key_bytes=8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: pp/codec.py _schema_of memoises the decoded "
-    "schema by its bytes alone (line ~226), so a schema accepted once under "
-    "generous Limits is accepted later under stricter ones without a check",
-)
 def test_receiver_limits_hold_after_the_same_schema_passed_under_other_limits() -> None:
     d = {"x": torch.zeros(1, 1, 1), "y": 2}
     local_hop(d)  # a channel with the default limits receives this schema first
@@ -1568,12 +1536,6 @@ def test_receiver_limits_hold_after_the_same_schema_passed_under_other_limits() 
         local_hop(d, recv_limits=Limits(max_ndim=2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: pp/codec.py decode() reads buffers[dev] "
-    "(line ~286) for a device whose tensors are all empty, but pp/link.py _read "
-    "allocates no buffer when the frame announces 0 payload bytes: KeyError",
-)
 def test_a_hop_whose_tensors_are_all_empty() -> None:
     d = {"x": torch.zeros(0), "y": torch.zeros(0, 3, dtype=torch.bfloat16), "v": 1}
     enc = codec.encode(
@@ -1588,12 +1550,6 @@ def test_a_hop_whose_tensors_are_all_empty() -> None:
     check_dict(out, d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: pp/wire/hop.py decode_schema reads the kind "
-    "byte with body[pos + n] (line ~205) outside its struct.error guard: a body cut "
-    "after a key raises IndexError, not WireError",
-)
 def test_body_cut_right_after_a_key_is_a_wire_error() -> None:
     with pytest.raises(WireError, match="truncated"):
         decode_schema(b"\x01\x00\x00\x00\x00\x00\x00\x00\x01\x00k", limits=DEFAULT_LIMITS)

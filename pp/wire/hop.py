@@ -297,6 +297,8 @@ def decode_schema(body: bytes, *, limits: Limits) -> Schema:
                 keys.append(kb.decode("utf-8"))
             except UnicodeDecodeError:
                 raise WireError(f"header: key {kb[:40]!r} is not valid utf-8") from None
+            if pos + n >= len(body):
+                raise WireError("header: truncated after a key")
             kind = body[pos + n]
             if kind > 1:
                 raise WireError(f"header: key {keys[-1]!r} has unknown kind {kind}")
