@@ -169,7 +169,9 @@ class Link:
         self._send_broken: BaseException | None = None
         self._send_failed: Handle | None = None
         self._sent: collections.deque[Handle] = collections.deque()
-        self.send_pool = BufferPool(max_ratio=float("inf"))
+        # send buffers never reach the caller: any idle one that fits will do, and one of the
+        # largest hops idle is enough for a blocking sender
+        self.send_pool = BufferPool(max_ratio=float("inf"), cap_factor=1)
         # receive side
         self._post_lock = threading.Lock()
         self._advance_lock = threading.Lock()
@@ -327,15 +329,28 @@ class Link:
         self, enc: codec.Encoded, *, chunk_bytes: int | None, timeout: float | None = None
     ) -> None:
         """Sends one hop and returns once the transport has taken it (raises if it failed)."""
-        self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout).wait(timeout)
+        # the caller gets control back only once the hop is sent, so large contiguous sources
+        # may travel straight from where they lie (no packed copy)
+        self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout, from_sources=True).wait(timeout)
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
         self.wait_hello(timeout if timeout is not None else self.timeout)
 
     def send(
-        self, enc: codec.Encoded, *, chunk_bytes: int | None, timeout: float | None = None
+        self,
+        enc: codec.Encoded,
+        *,
+        chunk_bytes: int | None,
+        timeout: float | None = None,
+        from_sources: bool = False,
     ) -> Handle:
-        """Packs and posts one hop; returns once every message is posted."""
+        """Packs and posts one hop; returns once every message is posted.
+
+        ``from_sources``: the caller will not touch its tensors until the hop completed (a
+        blocking send), so a CPU payload that goes in chunks is sent from the tensors
+        themselves where a chunk lies inside one contiguous tensor; only the chunks that
+        straddle tensors (and their padding) are staged.
+        """
         self.hello()
         if self._send_failed is not None:
             h = self._send_failed
@@ -355,6 +370,7 @@ class Link:
         keep: list[torch.Tensor] = []
         rest = None
         cpu_buf = None
+        chunk_msgs = None
         head_base = cpu_base = None
         chunk = 0
         if inline_len <= cap:
@@ -375,12 +391,17 @@ class Link:
                 rest = torch.from_numpy(np.frombuffer(body, np.uint8, offset=in_head).copy())
                 keep.append(rest)
             if cpu_n:
-                cpu_base = self.send_pool.get(cpu_n)
-                cpu_buf = cpu_base[:cpu_n]
-                pack(enc.sources["cpu"], out=cpu_buf, layout=cpu.wire_layout)
-                keep.append(cpu_buf)
                 chunk = chunk_bytes if chunk_bytes else cpu_n
                 chunk = max(align16(chunk), hop.MIN_CHUNK_BYTES)
+                srcs = enc.sources["cpu"]
+                if from_sources and all(t.is_contiguous() for t in srcs):
+                    chunk_msgs = _chunks_from_sources(srcs, cpu.wire_layout, chunk)
+                    keep.extend(chunk_msgs)
+                else:
+                    cpu_base = self.send_pool.get(cpu_n)
+                    cpu_buf = cpu_base[:cpu_n]
+                    pack(srcs, out=cpu_buf, layout=cpu.wire_layout)
+                    keep.append(cpu_buf)
             flags = enc.flags
         keep.append(head)
         dev_buf, dev_keep, dev_type, dev_n = self._post_device_payload(enc, None)
@@ -410,11 +431,14 @@ class Link:
                     works.append(
                         transport.isend(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
                     )
-                for s, e in frame.cpu_chunks():
+                msgs = (
+                    chunk_msgs
+                    if chunk_msgs is not None
+                    else [cpu_buf[s:e] for s, e in frame.cpu_chunks()]
+                )
+                for m in msgs:
                     works.append(
-                        transport.isend(
-                            cpu_buf[s:e], self.peer_global, cg, DATA_TAG, what, self._cpeer
-                        )
+                        transport.isend(m, self.peer_global, cg, DATA_TAG, what, self._cpeer)
                     )
                 if dev_n:
                     works.append(
@@ -800,6 +824,40 @@ class Link:
             )
             return
         inc.result = (out, [payload] if works else [], post)
+
+
+def _chunks_from_sources(srcs: list, layout: Any, chunk: int) -> list[torch.Tensor]:
+    """The CPU payload's chunk messages, cut from the (contiguous) source tensors themselves.
+
+    Chunk ``[s, e)`` of the packed byte stream goes as a byte view of its tensor when it lies
+    inside one tensor's bytes; otherwise (it straddles tensors or alignment padding) its bytes
+    are staged in a small buffer of their own, padding zeroed, exactly as pack() lays them out.
+    """
+    spans = []
+    for t, e in zip(srcs, layout.entries):
+        if e.nbytes:
+            spans.append((e.offset, e.offset + e.nbytes, t.reshape(-1).view(torch.uint8)))
+    msgs = []
+    total = layout.nbytes
+    i = 0
+    for s in range(0, total, chunk):
+        e = min(s + chunk, total)
+        while i < len(spans) and spans[i][1] <= s:
+            i += 1
+        if i < len(spans) and spans[i][0] <= s and e <= spans[i][1]:
+            lo = spans[i][0]
+            msgs.append(spans[i][2][s - lo : e - lo])
+            continue
+        stage = torch.zeros(e - s, dtype=torch.uint8)
+        j = i
+        while j < len(spans) and spans[j][0] < e:
+            lo, hi, b = spans[j]
+            a, z = max(lo, s), min(hi, e)
+            if z > a:
+                transport.copy_bytes(stage[a - s : z - s], b[a - lo : z - lo])
+            j += 1
+        msgs.append(stage)
+    return msgs
 
 
 def _frame_tail(f: hop.Frame) -> tuple:

@@ -6,8 +6,9 @@ buffer of ``n`` to ``2n`` bytes (any that fits, for internal send buffers), and 
 allocated at ``n`` rounded up to one of 8 size classes per power of two (at most 12.5% over).
 Buffers handed out are tracked; one becomes idle again only when nothing can read it any more
 (no view, no storage object, no pending transfer: :func:`pipepack.pp._private.unshared`). Idle
-bytes are capped at ``max(min_idle_bytes, 2 x the largest request seen)`` (two of the largest
-hops), oldest dropped first. Requests under ``SMALL`` bytes go straight to the allocator.
+bytes are capped at ``max(min_idle_bytes, cap_factor x the largest request seen)`` (two of the
+largest hops for receive buffers, one for send buffers), oldest dropped first. Requests under
+``SMALL`` bytes go straight to the allocator.
 """
 
 from __future__ import annotations
@@ -34,23 +35,27 @@ def size_class(n: int) -> int:
 
 
 class BufferPool:
-    def __init__(self, min_idle_bytes: int = 32 << 20, max_ratio: float = 2.0) -> None:
+    def __init__(
+        self, min_idle_bytes: int = 32 << 20, max_ratio: float = 2.0, cap_factor: int = 2
+    ) -> None:
         """``max_ratio``: the largest buffer a request may take, in multiples of its size (2 for
         buffers whose views are handed out, so they pin at most twice their bytes; internal
-        send buffers may take any that fits)."""
+        send buffers may take any that fits). ``cap_factor``: idle bytes are capped at this many
+        of the largest request (at least ``min_idle_bytes``)."""
         self._idle: list[torch.Tensor] = []
         self._out: collections.deque[torch.Tensor] = collections.deque()
         self._idle_bytes = 0
         self._largest = 0
         self._min_idle = min_idle_bytes
         self._max_ratio = max_ratio
+        self._cap_factor = cap_factor
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     @property
     def cap_bytes(self) -> int:
-        return max(self._min_idle, 2 * self._largest)
+        return max(self._min_idle, self._cap_factor * self._largest)
 
     @property
     def idle_bytes(self) -> int:

@@ -594,3 +594,39 @@ def _lagging_progress_body(rank: int, world: int) -> None:
 
 def test_a_lagging_progress_thread_does_not_hold_ring_slots() -> None:
     run_ranks(2, _lagging_progress_body, timeout_s=TIMEOUT_S)
+
+
+def _straddle_dicts() -> list[dict]:
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for k in range(4):
+        d = {
+            "a": torch.randint(0, 255, (12345 + k,), generator=g, dtype=torch.uint8),
+            "empty": torch.zeros(0, 7),
+            "b": torch.randn(301, 97 + k, generator=g).to(torch.bfloat16),
+            "c": torch.randint(-9, 9, (7, 3001), generator=g, dtype=torch.int64),
+            "flag": torch.rand(4099, generator=g) > 0.5,
+            "s": "x" * k,
+        }
+        if k == 3:  # a strided source: the whole payload is packed instead
+            d["t"] = torch.randn(200, 300, generator=g).t()
+        out.append(d)
+    return out
+
+
+def _straddle_body(rank: int, world: int) -> None:
+    _use("dist")
+    if rank == 0:
+        ch = TensorDictChannel(1, chunk_bytes=4096)
+        for d in _straddle_dicts():
+            ch.send(d)  # blocking: chunks cut from the tensors themselves where they can be
+        return
+    ch = TensorDictChannel(0, slot_bytes=64 << 10)  # so the ~300 KiB hops go in chunks
+    for d in _straddle_dicts():
+        check_dict(ch.recv(), d)
+
+
+def test_blocking_send_chunks_from_the_sources_exactly() -> None:
+    """A blocking send of a chunked CPU payload sends each chunk from its tensor where it lies
+    inside one, and stages the chunks that straddle tensors or padding: bit-exact either way."""
+    run_ranks(2, _straddle_body, timeout_s=TIMEOUT_S)
