@@ -1508,6 +1508,10 @@ def test_contiguous_copies_move_16_byte_vectors_then_a_tail():
     assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._VEC, 2, 24), (_copy._STRIDED, 2, 1)]
     rows = _copy.segment_rows(_flat(16), _flat(40), 8, 4)  # dst only 8-byte aligned
     assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._STRIDED, 3, 4)]
+    rows = _copy.segment_rows(_flat(16), _flat(42), 8, 4)  # dst 2 bytes off: 2-byte words
+    assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._STRIDED, 1, 16)]
+    rows = _copy.segment_rows(_flat(42), _flat(16), 8, 4)  # the same from the source side
+    assert [(r[0], r[1], r[2]) for r in rows] == [(_copy._STRIDED, 1, 16)]
     assert _copy.segment_rows(_flat(), _flat(), 0, 4) == []
 
 
