@@ -121,8 +121,12 @@ def _time_cuda(fn: Callable, repeats: int, batch: int = 32) -> dict:
 def _stats(samples: list[float]) -> dict:
     samples = sorted(samples)
     q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))]  # noqa: E731
-    return {"median_us": round(statistics.median(samples), 2), "p20_us": round(q(0.2), 2),
-            "p80_us": round(q(0.8), 2), "n": len(samples)}
+    return {
+        "median_us": round(statistics.median(samples), 2),
+        "p20_us": round(q(0.2), 2),
+        "p80_us": round(q(0.8), 2),
+        "n": len(samples),
+    }
 
 
 # ----------------------------------------------------------------------------- cases
@@ -160,8 +164,9 @@ def _receive_case(device, T, H, repeats, timer, fused_ops) -> list[dict]:
     want_out, want_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS)
 
     def fused(order="vllm"):
-        return Fz.unpack_add_rmsnorm(buf, layout, 0, 1, w, EPS, order=order, out=out,
-                                     residual_out=res)
+        return Fz.unpack_add_rmsnorm(
+            buf, layout, 0, 1, w, EPS, order=order, out=out, residual_out=res
+        )
 
     def unfused_rms_norm():
         hv, rv = unpack(buf, layout)
@@ -190,8 +195,7 @@ def _receive_case(device, T, H, repeats, timer, fused_ops) -> list[dict]:
         return check
 
     methods["pipepack unpack_add_rmsnorm"] = (fused, check_exact)
-    fi_out, fi_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS,
-                                                     order="flashinfer")
+    fi_out, fi_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS, order="flashinfer")
 
     def check_flashinfer():
         o, rr = fused("flashinfer")
@@ -237,21 +241,25 @@ def _send_case(device, T, H, repeats, timer) -> list[dict]:
     methods = {
         "pack [h, r]": (lambda: pack([h, r]), plan_layout([h, r]).nbytes),
         "torch add + pack [h+r]": (lambda: pack([h + r]), plan_layout([h]).nbytes),
-        "pack_wire fold": (lambda: Fz.pack_wire([h, r], fold=(0, 1))[0],
-                           Fz.plan_wire([(h.dtype, h.shape)] * 2, fold=(0, 1)).layout.nbytes),
+        "pack_wire fold": (
+            lambda: Fz.pack_wire([h, r], fold=(0, 1))[0],
+            Fz.plan_wire([(h.dtype, h.shape)] * 2, fold=(0, 1)).layout.nbytes,
+        ),
         "pack_wire fold + fp8": (
             lambda: Fz.pack_wire([h, r], fold=(0, 1), fp8=(0,))[0],
-            Fz.plan_wire([(h.dtype, h.shape)] * 2, fold=(0, 1), fp8=(0,)).layout.nbytes),
+            Fz.plan_wire([(h.dtype, h.shape)] * 2, fold=(0, 1), fp8=(0,)).layout.nbytes,
+        ),
         "pack_wire fp8 [h, r]": (
             lambda: Fz.pack_wire([h, r], fp8=(0, 1))[0],
-            Fz.plan_wire([(h.dtype, h.shape)] * 2, fp8=(0, 1)).layout.nbytes),
+            Fz.plan_wire([(h.dtype, h.shape)] * 2, fp8=(0, 1)).layout.nbytes,
+        ),
     }
     ref_fold, _ = Fz.pack_wire_reference([h, r], fold=(0, 1))
     for name, (fn, nbytes) in methods.items():
-        row = {"op": "send", "T": T, "H": H, "method": name, "bytes": nbytes,
-               "device": device.type}
-        if name == "pack_wire fold" and not _bits_equal(fn()[: h.numel() * 2],
-                                                      ref_fold[: h.numel() * 2]):
+        row = {"op": "send", "T": T, "H": H, "method": name, "bytes": nbytes, "device": device.type}
+        if name == "pack_wire fold" and not _bits_equal(
+            fn()[: h.numel() * 2], ref_fold[: h.numel() * 2]
+        ):
             row["verdict"] = "WRONG"
         else:
             row.update(timer(fn, repeats))
@@ -277,8 +285,9 @@ def fp8_error(tokens: int) -> dict:
         return {
             "rel_fro": round(float((y - x).norm() / x.norm()), 5),
             "max_abs_over_row_amax": round(float(((y - x).abs() / row_amax).max()), 5),
-            "median_rel": round(float(((y - x).abs() / x.abs().clamp_min(1e-30))[x != 0]
-                                      .median()), 5),
+            "median_rel": round(
+                float(((y - x).abs() / x.abs().clamp_min(1e-30))[x != 0].median()), 5
+            ),
         }
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +300,7 @@ def fp8_error(tokens: int) -> dict:
         h, r = boundary["hidden_states"], boundary["residual"]
         report = {
             "model": f"refmodel hidden={config.hidden} layers={config.layers} bf16, "
-                     f"{tokens} tokens, boundary after layer 2",
+            f"{tokens} tokens, boundary after layer 2",
             "hidden_states": rel(h, roundtrip(h)),
             "residual": rel(r, roundtrip(r)),
             "folded_sum": rel(h + r, roundtrip(h + r)),
@@ -310,8 +319,9 @@ def fp8_error(tokens: int) -> dict:
             report[name] = {
                 "logits_max_abs": round(float((logits - exact).abs().max()), 4),
                 "logits_max_abs_exact_scale": round(float(exact.abs().max()), 4),
-                "top1_agreement": round(float((logits.argmax(-1) == exact.argmax(-1))
-                                              .float().mean()), 4),
+                "top1_agreement": round(
+                    float((logits.argmax(-1) == exact.argmax(-1)).float().mean()), 4
+                ),
             }
     return report
 
@@ -362,12 +372,25 @@ def main() -> None:
         "rows": rows,
         "fp8_error": err,
     }
-    keys = ["op", "T", "H", "method", "median_us", "p20_us", "p80_us", "host_us",
-            "pipepack_speedup"]
+    keys = [
+        "op",
+        "T",
+        "H",
+        "method",
+        "median_us",
+        "p20_us",
+        "p80_us",
+        "host_us",
+        "pipepack_speedup",
+    ]
     print(_table([r for r in rows if r["op"] == "receive"], keys))
     print()
-    print(_table([r for r in rows if r["op"] == "send"],
-                 ["op", "T", "H", "method", "bytes", "median_us", "p20_us", "p80_us", "host_us"]))
+    print(
+        _table(
+            [r for r in rows if r["op"] == "send"],
+            ["op", "T", "H", "method", "bytes", "median_us", "p20_us", "p80_us", "host_us"],
+        )
+    )
     print()
     print(json.dumps(err, indent=1))
     out = args.out or RESULTS_DIR

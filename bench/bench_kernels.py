@@ -1072,8 +1072,10 @@ def run_stubbed(
     calls = 200 if args.quick else 2000
     hosts: list[HostResult] = []
     failures: list[Failure] = []
-    print("| op | payload | method | host µs/call (median of rounds) | fastest round |\n"
-          "|---|---|---|--:|--:|")
+    print(
+        "| op | payload | method | host µs/call (median of rounds) | fastest round |\n"
+        "|---|---|---|--:|--:|"
+    )
     for payload in wanted:
         prepared = prepare(payload, device, args.world)
         for op in ops:
@@ -1092,11 +1094,23 @@ def run_stubbed(
                 )
                 host_us = statistics.median(rounds)
                 hosts.append(
-                    HostResult(op, payload.name, case.method, payload.nbytes, host_us, None,
-                               None, calls, host_min_us=rounds[0])
+                    HostResult(
+                        op,
+                        payload.name,
+                        case.method,
+                        payload.nbytes,
+                        host_us,
+                        None,
+                        None,
+                        calls,
+                        host_min_us=rounds[0],
+                    )
                 )
-                print(f"| {op} | {payload.name} | {case.method} | {_fmt(host_us, 2)} "
-                      f"| {_fmt(rounds[0], 2)} |", flush=True)
+                print(
+                    f"| {op} | {payload.name} | {case.method} | {_fmt(host_us, 2)} "
+                    f"| {_fmt(rounds[0], 2)} |",
+                    flush=True,
+                )
     write_json(path, meta, [*hosts, *failures])
     log(f"wrote {path}")
     return 1 if failures else 0

@@ -54,12 +54,35 @@ import torch.distributed as dist
 
 from pipepack.testing import baselines as engine_baselines
 
-SCENARIOS = ["decode_bs1", "decode_bs8", "decode_bs64", "decode_bs256", "prefill_4k",
-             "many_small", "output", "tp2"]
-MODES = ["serial", "per_tensor_async", "batched", "packed", "packed_static", "floor",
-         "packed_shm", "packed_static_shm", *engine_baselines.MODES]
-PIPEPACK_MODES = {"packed": "dist", "packed_static": "dist", "packed_shm": "shm",
-                  "packed_static_shm": "shm", "sglang_pipepack": "dist", "vllm_pipepack": "dist"}
+SCENARIOS = [
+    "decode_bs1",
+    "decode_bs8",
+    "decode_bs64",
+    "decode_bs256",
+    "prefill_4k",
+    "many_small",
+    "output",
+    "tp2",
+]
+MODES = [
+    "serial",
+    "per_tensor_async",
+    "batched",
+    "packed",
+    "packed_static",
+    "floor",
+    "packed_shm",
+    "packed_static_shm",
+    *engine_baselines.MODES,
+]
+PIPEPACK_MODES = {
+    "packed": "dist",
+    "packed_static": "dist",
+    "packed_shm": "shm",
+    "packed_static_shm": "shm",
+    "sglang_pipepack": "dist",
+    "vllm_pipepack": "dist",
+}
 HIDDEN = 4096
 # torch >= 2.12 renames all_gather_into_tensor; both exist in between
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -82,15 +105,28 @@ def make_payload(scenario: str, device: torch.device, seed: int = 0) -> dict:
         return raw.view(dtype).view(shape).to(device)
 
     if scenario.startswith("decode_bs") or scenario == "tp2":
-        bs = 64 if scenario == "tp2" else int(scenario[len("decode_bs"):])
-        return {"hidden_states": rnd((bs, HIDDEN), torch.bfloat16),
-                "residual": rnd((bs, HIDDEN), torch.bfloat16), "__msg_type__": "proxy"}
+        bs = 64 if scenario == "tp2" else int(scenario[len("decode_bs") :])
+        return {
+            "hidden_states": rnd((bs, HIDDEN), torch.bfloat16),
+            "residual": rnd((bs, HIDDEN), torch.bfloat16),
+            "__msg_type__": "proxy",
+        }
     if scenario == "prefill_4k":
-        return {"hidden_states": rnd((4096, HIDDEN), torch.bfloat16),
-                "residual": rnd((4096, HIDDEN), torch.bfloat16)}
+        return {
+            "hidden_states": rnd((4096, HIDDEN), torch.bfloat16),
+            "residual": rnd((4096, HIDDEN), torch.bfloat16),
+        }
     if scenario == "many_small":
-        dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.float16,
-                  torch.uint8, torch.int8, torch.bool]
+        dtypes = [
+            torch.float32,
+            torch.bfloat16,
+            torch.int64,
+            torch.int32,
+            torch.float16,
+            torch.uint8,
+            torch.int8,
+            torch.bool,
+        ]
         d = {}
         for i in range(16):
             dt = dtypes[i % len(dtypes)]
@@ -100,9 +136,11 @@ def make_payload(scenario: str, device: torch.device, seed: int = 0) -> dict:
         return d
     if scenario == "output":
         bs = 64
-        return {"next_token_ids": rnd((bs,), torch.int64),
-                "logprobs": [None] * bs,
-                "finished": [None if i % 3 else i for i in range(bs)]}
+        return {
+            "next_token_ids": rnd((bs,), torch.int64),
+            "logprobs": [None] * bs,
+            "finished": [None if i % 3 else i for i in range(bs)],
+        }
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
@@ -153,8 +191,10 @@ class Ctx:
 
 
 def _send_metadata(ctx: Ctx, d: dict, dst: int) -> None:
-    meta = [(k, _Meta(v.device.type, v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor)
-             else v) for k, v in d.items()]
+    meta = [
+        (k, _Meta(v.device.type, v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else v)
+        for k, v in d.items()
+    ]
     buf = io.BytesIO()
     pickle.dump(meta, buf)
     data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
@@ -212,8 +252,11 @@ def serial_recv(ctx: Ctx, src: int, like: dict) -> dict:
 
 def async_send(ctx: Ctx, d: dict, dst: int) -> None:
     _send_metadata(ctx, d, dst)
-    works = [dist.isend(ctx.slice_of(t).contiguous(), dst, group=ctx.grp(t))
-             for _, t in tensor_items(d) if t.numel()]
+    works = [
+        dist.isend(ctx.slice_of(t).contiguous(), dst, group=ctx.grp(t))
+        for _, t in tensor_items(d)
+        if t.numel()
+    ]
     for w in works:
         w.wait()
 
@@ -225,8 +268,9 @@ def async_recv(ctx: Ctx, src: int, like: dict) -> dict:
         if isinstance(m, _Meta):
             t = _alloc(ctx, m)
             if t.numel():
-                works.append(dist.irecv(t, src,
-                                        group=ctx.cpu_group if m.device == "cpu" else ctx.group))
+                works.append(
+                    dist.irecv(t, src, group=ctx.cpu_group if m.device == "cpu" else ctx.group)
+                )
             recvd[k] = t
     for w in works:
         w.wait()
@@ -234,8 +278,11 @@ def async_recv(ctx: Ctx, src: int, like: dict) -> dict:
 
 
 def batched_send(ctx: Ctx, d: dict, dst: int) -> None:
-    ops = [dist.P2POp(dist.isend, ctx.slice_of(t).contiguous(), dst, group=ctx.grp(t))
-           for _, t in tensor_items(d) if t.numel()]
+    ops = [
+        dist.P2POp(dist.isend, ctx.slice_of(t).contiguous(), dst, group=ctx.grp(t))
+        for _, t in tensor_items(d)
+        if t.numel()
+    ]
     for w in dist.batch_isend_irecv(ops):
         w.wait()
 
@@ -243,9 +290,13 @@ def batched_send(ctx: Ctx, d: dict, dst: int) -> None:
 def batched_recv(ctx: Ctx, src: int, like: dict) -> dict:
     metas = [(k, _Meta(v.device.type, v.dtype, tuple(v.shape))) for k, v in tensor_items(like)]
     recvd = {k: _alloc(ctx, m) for k, m in metas}
-    ops = [dist.P2POp(dist.irecv, recvd[k], src,
-                      group=ctx.cpu_group if m.device == "cpu" else ctx.group)
-           for k, m in metas if recvd[k].numel()]
+    ops = [
+        dist.P2POp(
+            dist.irecv, recvd[k], src, group=ctx.cpu_group if m.device == "cpu" else ctx.group
+        )
+        for k, m in metas
+        if recvd[k].numel()
+    ]
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     return _finish(ctx, metas, recvd)
@@ -268,6 +319,7 @@ def floor_pair(ctx: Ctx, like: dict):
         if ctx.tp_world > 1:
             _all_gather(gathered, rbuf, group=ctx.tp_group)
         return None
+
     return send, recv
 
 
@@ -282,8 +334,14 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict, transport: str 
     lead = {t.shape[0] for _, t in tensor_items(like) if t.dim()}
     dynamic = None if len(lead) == 1 else ()
     declared = Declared.from_example(like, dynamic=dynamic) if static else None
-    ch = TensorDictChannel(peer, group=ctx.group, cpu_group=ctx.cpu_group,
-                           all_gather_group=ctx.tp_group, declared=declared, transport=transport)
+    ch = TensorDictChannel(
+        peer,
+        group=ctx.group,
+        cpu_group=ctx.cpu_group,
+        all_gather_group=ctx.tp_group,
+        declared=declared,
+        transport=transport,
+    )
     tokens = next(iter(lead)) if len(lead) == 1 else 0
 
     if not static:
@@ -296,6 +354,7 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict, transport: str 
 
         def recv(src, like_):
             return recv_tensor_dict(src, **kw)
+
         return send, recv
 
     def send(d, dst):
@@ -303,6 +362,7 @@ def pipepack_pair(ctx: Ctx, peer: int, static: bool, like: dict, transport: str 
 
     def recv(src, like_):
         return ch.irecv(tokens).wait()
+
     return send, recv
 
 
@@ -330,8 +390,9 @@ def _same_bytes(a: dict, b: dict) -> bool:
         if isinstance(v, torch.Tensor):
             if not isinstance(w, torch.Tensor) or v.dtype != w.dtype or v.shape != w.shape:
                 return False
-            if not torch.equal(v.reshape(-1).view(torch.uint8).cpu(),
-                               w.reshape(-1).view(torch.uint8).cpu()):
+            if not torch.equal(
+                v.reshape(-1).view(torch.uint8).cpu(), w.reshape(-1).view(torch.uint8).cpu()
+            ):
                 return False
         elif v != w or type(v) is not type(w):
             return False
@@ -340,8 +401,9 @@ def _same_bytes(a: dict, b: dict) -> bool:
 
 def _pairs(ctx: Ctx, mode: str, peer: int, like: dict):
     if mode in engine_baselines.MODES:  # a GroupCoordinator's calls, with/without the adapter
-        s, r, ctx.close = engine_baselines.pair(mode, group=ctx.group, cpu_group=ctx.cpu_group,
-                                                tp_group=ctx.tp_group)
+        s, r, ctx.close = engine_baselines.pair(
+            mode, group=ctx.group, cpu_group=ctx.cpu_group, tp_group=ctx.tp_group
+        )
         return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src))
     if mode == "serial":
         return serial_send, serial_recv
@@ -352,13 +414,13 @@ def _pairs(ctx: Ctx, mode: str, peer: int, like: dict):
     if mode == "floor":
         s, r = floor_pair(ctx, like)
         return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
-    s, r = pipepack_pair(ctx, peer, mode.startswith("packed_static"), like,
-                         PIPEPACK_MODES[mode])
+    s, r = pipepack_pair(ctx, peer, mode.startswith("packed_static"), like, PIPEPACK_MODES[mode])
     return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
 
 
-def run_mode(ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters: int,
-             warmup: int) -> Result | None:
+def run_mode(
+    ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters: int, warmup: int
+) -> Result | None:
     """Ping-pong ``iters`` times; the leader returns the per-hop timings."""
     d = make_payload(scenario, ctx.device)
     send, recv = _pairs(ctx, mode, peer, d)
@@ -390,6 +452,7 @@ def run_mode(ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters:
         ctx.close()
     if mode in PIPEPACK_MODES:
         from pipepack.pp import flush
+
         flush()
     if not leader:
         return None
@@ -397,8 +460,17 @@ def run_mode(ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters:
     med = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
     nbytes = payload_bytes(d)
-    return Result(scenario, mode, nbytes, med, q[0], q[3], nbytes / med / 1e3, len(times),
-                  PIPEPACK_MODES.get(mode, "dist"))
+    return Result(
+        scenario,
+        mode,
+        nbytes,
+        med,
+        q[0],
+        q[3],
+        nbytes / med / 1e3,
+        len(times),
+        PIPEPACK_MODES.get(mode, "dist"),
+    )
 
 
 def _expected(d: dict, mode: str) -> dict:
@@ -443,8 +515,10 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
                     results.append(r)
                     print(f"  {sc:>13} {mode:>16} {r.median_us:10.1f} us", flush=True)
     if world == 4 and "tp2" in args.scenarios:
-        tp_groups = [dist.new_group([0, 1], backend=backend),
-                     dist.new_group([2, 3], backend=backend)]
+        tp_groups = [
+            dist.new_group([0, 1], backend=backend),
+            dist.new_group([2, 3], backend=backend),
+        ]
         ctx = Ctx(group, cpu_group, device, tp_group=tp_groups[rank // 2], shm_group=shm_group)
         iters, warmup = _iters("tp2", args.quick, backend)
         peer = (rank + 2) % 4
@@ -476,8 +550,13 @@ def _pin_transports(group, cpu_group, shm_group, rank: int, world: int) -> None:
 def _spawned(rank: int, world: int, init_file: str, args, results_path: str) -> None:
     if args.one_thread:  # as torchrun does (OMP_NUM_THREADS=1); default: the user's settings
         torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     try:
         bench_rank(rank, world, args, results_path)
     finally:
@@ -489,8 +568,12 @@ def _spawn(world: int, args) -> list[Result]:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.json")
-        mp.start_processes(_spawned, args=(world, os.path.join(tmp, "init"), args, path),
-                           nprocs=world, start_method="fork")
+        mp.start_processes(
+            _spawned,
+            args=(world, os.path.join(tmp, "init"), args, path),
+            nprocs=world,
+            start_method="fork",
+        )
         if not os.path.exists(path):
             return []
         with open(path) as f:
@@ -505,9 +588,13 @@ def meta_record(args) -> dict:
     except ImportError:
         pass
     m = {
-        "meta": True, "host": platform.node(), "cores": os.cpu_count(),
-        "machine": platform.machine(), "backend": args.backend,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "meta": True,
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "backend": args.backend,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -525,9 +612,11 @@ def meta_record(args) -> dict:
 
 def table(results: list[Result]) -> str:
     by = {(r.scenario, r.mode): r for r in results}
-    lines = ["| scenario | mode | bytes | median µs | p20 | p80 | GB/s | × floor | "
-             "speedup vs serial | vs per_tensor_async |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| scenario | mode | bytes | median µs | p20 | p80 | GB/s | × floor | "
+        "speedup vs serial | vs per_tensor_async |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         fl = by.get((r.scenario, "floor"))
         se = by.get((r.scenario, "serial"))
@@ -535,8 +624,10 @@ def table(results: list[Result]) -> str:
         ratio = f"{r.median_us / fl.median_us:.2f}" if fl else "-"
         s1 = f"{se.median_us / r.median_us:.2f}×" if se else "-"
         s2 = f"{pa.median_us / r.median_us:.2f}×" if pa else "-"
-        lines.append(f"| {r.scenario} | {r.mode} | {r.bytes} | {r.median_us:.1f} | "
-                     f"{r.p20_us:.1f} | {r.p80_us:.1f} | {r.gbps:.3f} | {ratio} | {s1} | {s2} |")
+        lines.append(
+            f"| {r.scenario} | {r.mode} | {r.bytes} | {r.median_us:.1f} | "
+            f"{r.p20_us:.1f} | {r.p80_us:.1f} | {r.gbps:.3f} | {ratio} | {s1} | {s2} |"
+        )
     return "\n".join(lines)
 
 
@@ -548,8 +639,9 @@ def plot(results: list[Result], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in MODES:
-        pts = sorted((r.bytes, r.median_us) for r in results
-                     if r.mode == mode and r.scenario != "tp2")
+        pts = sorted(
+            (r.bytes, r.median_us) for r in results if r.mode == mode and r.scenario != "tp2"
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
     ax.set_xscale("log")
@@ -566,17 +658,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--quick", action="store_true", help="few iterations (< 30 s)")
-    p.add_argument("--one-thread", action="store_true",
-                   help="torch.set_num_threads(1) in each rank (as torchrun's OMP_NUM_THREADS=1);"
-                        " default: torch's own thread settings, as users run")
+    p.add_argument(
+        "--one-thread",
+        action="store_true",
+        help="torch.set_num_threads(1) in each rank (as torchrun's OMP_NUM_THREADS=1);"
+        " default: torch's own thread settings, as users run",
+    )
     p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--out", help="write JSON records here")
     p.add_argument("--plot", help="draw latency vs payload size (needs matplotlib)")
     args = p.parse_args(argv)
     if args.quick and args.scenarios == SCENARIOS:
-        args.scenarios = ["decode_bs1", "decode_bs8", "decode_bs64", "prefill_4k",
-                          "many_small", "output", "tp2"]
+        args.scenarios = [
+            "decode_bs1",
+            "decode_bs8",
+            "decode_bs64",
+            "prefill_4k",
+            "many_small",
+            "output",
+            "tp2",
+        ]
 
     t0 = time.time()
     if "RANK" in os.environ:  # under torchrun
@@ -595,9 +697,11 @@ def main(argv: list[str] | None = None) -> int:
         if "tp2" in args.scenarios:
             results += _spawn(4, args)
     meta = meta_record(args)
-    print(f"\n{meta['device']} / {meta['backend']} / torch {meta['torch']} / triton "
-          f"{meta['triton']} / {meta['cores']} cores / {meta['date']} "
-          f"({time.time() - t0:.0f} s)\n")
+    print(
+        f"\n{meta['device']} / {meta['backend']} / torch {meta['torch']} / triton "
+        f"{meta['triton']} / {meta['cores']} cores / {meta['date']} "
+        f"({time.time() - t0:.0f} s)\n"
+    )
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -35,8 +35,13 @@ from pipepack.pp.refmodel import ModelConfig, build_stage, sample_tokens  # noqa
 def one_process(args: argparse.Namespace) -> dict:
     """The whole model in this process, one thread: what the pipeline's stages split."""
     torch.set_num_threads(1)
-    config = ModelConfig(vocab=args.vocab, hidden=args.hidden, heads=args.heads,
-                         layers=args.layers, dtype=pipeline.DTYPES[args.dtype])
+    config = ModelConfig(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        heads=args.heads,
+        layers=args.layers,
+        dtype=pipeline.DTYPES[args.dtype],
+    )
     sizes = pipeline.microbatch_sizes(args.microbatches, args.tokens)
     tokens = sample_tokens(config, sizes, seed=args.seed)
     model = build_stage(config, 0, 1)
@@ -49,25 +54,40 @@ def one_process(args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"stages": 1, "tp": 1, "transport": "one_process", "dtype": args.dtype,
-            "depth": 0, "microbatches": len(sizes), "tokens": sum(sizes),
-            "hidden": args.hidden, "layers": args.layers, "backend": "none",
-            "repeats": len(times), "median_s": med, "mb_per_s": len(sizes) / med,
-            "tokens_per_s": sum(sizes) / med, "match": True}
+    return {
+        "stages": 1,
+        "tp": 1,
+        "transport": "one_process",
+        "dtype": args.dtype,
+        "depth": 0,
+        "microbatches": len(sizes),
+        "tokens": sum(sizes),
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "backend": "none",
+        "repeats": len(times),
+        "median_s": med,
+        "mb_per_s": len(sizes) / med,
+        "tokens_per_s": sum(sizes) / med,
+        "match": True,
+    }
 
 
 def table(records: list[dict]) -> str:
     base = {r["stages"]: r for r in records if r["transport"] == "per_tensor"}
-    lines = ["| stages | transport | micro-batches/s | p20–p80 | tokens/s | vs per_tensor | "
-             "bit-equal |", "|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| stages | transport | micro-batches/s | p20–p80 | tokens/s | vs per_tensor | bit-equal |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in records:
         b = base.get(r["stages"])
         ratio = f"{r['mb_per_s'] / b['mb_per_s']:.2f}×" if b and r is not b else "-"
-        spread = (f"{r['mb_per_s_p20']:.0f}–{r['mb_per_s_p80']:.0f}"
-                  if "mb_per_s_p20" in r else "-")
-        lines.append(f"| {r['stages']} | {r['transport']} | {r['mb_per_s']:.1f} | {spread} | "
-                     f"{r['tokens_per_s']:.0f} | {ratio} | "
-                     f"{'MATCH' if r['match'] else 'MISMATCH'} |")
+        spread = f"{r['mb_per_s_p20']:.0f}–{r['mb_per_s_p80']:.0f}" if "mb_per_s_p20" in r else "-"
+        lines.append(
+            f"| {r['stages']} | {r['transport']} | {r['mb_per_s']:.1f} | {spread} | "
+            f"{r['tokens_per_s']:.0f} | {ratio} | "
+            f"{'MATCH' if r['match'] else 'MISMATCH'} |"
+        )
     return "\n".join(lines)
 
 
@@ -76,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.description = __doc__.split("\n")[0]
     p.set_defaults(layers=4, tokens=16, microbatches=64, repeats=9, depth=2)
     p.add_argument("--stage-counts", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--transports", nargs="+", default=["per_tensor", "pipepack",
-                                                       "pipepack_static", "pipepack_shm"],
-                   choices=pipeline.TRANSPORTS)
+    p.add_argument(
+        "--transports",
+        nargs="+",
+        default=["per_tensor", "pipepack", "pipepack_static", "pipepack_shm"],
+        choices=pipeline.TRANSPORTS,
+    )
     p.add_argument("--out", help="write the JSON records here")
     args = p.parse_args(argv)
     if args.backend != "gloo" or args.tp != 1:
@@ -91,11 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         records += pipeline.run_local(run, args.transports)
     meta = meta_record(args)
     meta["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    meta["model"] = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                     "vocab": args.vocab, "dtype": args.dtype, "max_tokens": args.tokens,
-                     "microbatches": args.microbatches, "depth": args.depth}
-    print(f"\n{meta['device']} / gloo / torch {meta['torch']} / triton {meta['triton']} / "
-          f"{meta['cores']} cores / {meta['date']} ({time.time() - t0:.0f} s)\n")
+    meta["model"] = {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "vocab": args.vocab,
+        "dtype": args.dtype,
+        "max_tokens": args.tokens,
+        "microbatches": args.microbatches,
+        "depth": args.depth,
+    }
+    print(
+        f"\n{meta['device']} / gloo / torch {meta['torch']} / triton {meta['triton']} / "
+        f"{meta['cores']} cores / {meta['date']} ({time.time() - t0:.0f} s)\n"
+    )
     print(table(records))
     if args.out:
         with open(args.out, "w") as f:

@@ -92,8 +92,11 @@ def pingpong(n: int, iters: int, warmup: int, spin_us: float) -> dict:
     hop = sorted(x / 2e3 for x in rtt[warmup:])  # microseconds per hop
     med = statistics.median(hop)
     return {
-        "bytes": n, "iters": iters, "spin_us": spin_us,
-        "hop_us_median": med, "hop_us_p10": hop[len(hop) // 10],
+        "bytes": n,
+        "iters": iters,
+        "spin_us": spin_us,
+        "hop_us_median": med,
+        "hop_us_p10": hop[len(hop) // 10],
         "hop_us_p90": hop[len(hop) * 9 // 10],
         "hop_GBps": n / (med * 1e-6) / 1e9 if n else None,
         # each round trip is two hops; CPU of both processes over those two hops
@@ -133,8 +136,9 @@ def after_sleep(n: int, gap_s: float, hops: int, spin_us: float) -> dict:
     """One-way latency (perf_counter is CLOCK_MONOTONIC, shared by both processes) of a hop that
     arrives ``gap_s`` after the previous one: the receiver is asleep on the futex by then."""
     parent, child = CTX.Pipe()
-    p = CTX.Process(target=lambda: (_sleepy_receiver(child, gap_s, hops, spin_us), os._exit(0)),
-                    daemon=True)
+    p = CTX.Process(
+        target=lambda: (_sleepy_receiver(child, gap_s, hops, spin_us), os._exit(0)), daemon=True
+    )
     p.start()
     tx = shm.SendRing(parent.recv(), timeout=60, spin_us=spin_us)
     src = np.full(n, 5, np.uint8)
@@ -147,8 +151,13 @@ def after_sleep(n: int, gap_s: float, hops: int, spin_us: float) -> dict:
     lat = sorted(parent.recv()[5:])
     p.join(30)
     tx.close()
-    return {"bytes": n, "gap_ms": gap_s * 1e3, "spin_us": spin_us,
-            "one_way_us_median": statistics.median(lat), "one_way_us_p90": lat[len(lat) * 9 // 10]}
+    return {
+        "bytes": n,
+        "gap_ms": gap_s * 1e3,
+        "spin_us": spin_us,
+        "one_way_us_median": statistics.median(lat),
+        "one_way_us_p90": lat[len(lat) * 9 // 10],
+    }
 
 
 def idle_cpu(seconds: float, spin_us: float) -> dict:
@@ -174,12 +183,18 @@ def env() -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-        "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "copy": "numpy.copyto, one thread", "default_spin_us": shm.DEFAULT_SPIN_US,
-        "max_sleep_s": shm.MAX_SLEEP_S, "loadavg": os.getloadavg(),
+        "copy": "numpy.copyto, one thread",
+        "default_spin_us": shm.DEFAULT_SPIN_US,
+        "max_sleep_s": shm.MAX_SLEEP_S,
+        "loadavg": os.getloadavg(),
         "spin_yield": os.environ.get("PIPEPACK_SHM_SPIN_YIELD", "1"),
     }
 
@@ -199,27 +214,35 @@ def main() -> None:
         h.update(m)
         h["ratio_to_memcpy"] = h["hop_GBps"] / m["memcpy_GBps"]
         out["hops"].append(h)
-        print(f"{n / KiB:>8.0f} KiB  hop {h['hop_us_median']:9.1f} us (p10 {h['hop_us_p10']:.1f}"
-              f", p90 {h['hop_us_p90']:.1f})  {h['hop_GBps']:6.2f} GB/s  memcpy "
-              f"{m['memcpy_us_median']:9.1f} us {m['memcpy_GBps']:6.2f} GB/s  ratio "
-              f"{h['ratio_to_memcpy']:.2f}  cpu/hop {h['cpu_us_per_hop_both_procs']:.1f} us",
-              flush=True)
+        print(
+            f"{n / KiB:>8.0f} KiB  hop {h['hop_us_median']:9.1f} us (p10 {h['hop_us_p10']:.1f}"
+            f", p90 {h['hop_us_p90']:.1f})  {h['hop_GBps']:6.2f} GB/s  memcpy "
+            f"{m['memcpy_us_median']:9.1f} us {m['memcpy_GBps']:6.2f} GB/s  ratio "
+            f"{h['ratio_to_memcpy']:.2f}  cpu/hop {h['cpu_us_per_hop_both_procs']:.1f} us",
+            flush=True,
+        )
     for spin in (0.0, 10.0, 30.0, 100.0, 300.0):
         h = pingpong(128 * KiB, max(int(2000 * q), 10), warmup=50, spin_us=spin)
         out["spin_sweep"].append(h)
-        print(f"spin {spin:5.0f} us: 128 KiB hop {h['hop_us_median']:7.1f} us (p90 "
-              f"{h['hop_us_p90']:.1f})  cpu/hop both procs {h['cpu_us_per_hop_both_procs']:.1f} us",
-              flush=True)
+        print(
+            f"spin {spin:5.0f} us: 128 KiB hop {h['hop_us_median']:7.1f} us (p90 "
+            f"{h['hop_us_p90']:.1f})  cpu/hop both procs {h['cpu_us_per_hop_both_procs']:.1f} us",
+            flush=True,
+        )
     for gap in (0.002, 0.02):
         s = after_sleep(128 * KiB, gap, max(int(300 * q), 20), shm.DEFAULT_SPIN_US)
         out["after_sleep"].append(s)
-        print(f"hop every {gap * 1e3:.0f} ms: one-way {s['one_way_us_median']:.1f} us (p90 "
-              f"{s['one_way_us_p90']:.1f})", flush=True)
+        print(
+            f"hop every {gap * 1e3:.0f} ms: one-way {s['one_way_us_median']:.1f} us (p90 "
+            f"{s['one_way_us_p90']:.1f})",
+            flush=True,
+        )
     for spin in (shm.DEFAULT_SPIN_US,):
         r = idle_cpu(2.0 * q if q < 1 else 2.0, spin)
         out["idle"].append(r)
-        print(f"idle receiver (spin {spin:.0f} us): {100 * r['cpu_share']:.2f}% of a core",
-              flush=True)
+        print(
+            f"idle receiver (spin {spin:.0f} us): {100 * r['cpu_share']:.2f}% of a core", flush=True
+        )
     print(json.dumps(out["env"]))
     if args.out:
         with open(args.out, "w") as f:

@@ -107,8 +107,9 @@ class PerTensorChannel:
 
     def isend(self, d: dict) -> list[_Sent]:
         bench_p2p._send_metadata(self.ctx, d, self.peer)
-        srcs = [self.ctx.slice_of(t).contiguous() for _, t in bench_p2p.tensor_items(d)
-                if t.numel()]
+        srcs = [
+            self.ctx.slice_of(t).contiguous() for _, t in bench_p2p.tensor_items(d) if t.numel()
+        ]
         works = [dist.isend(t, self.peer, group=self.ctx.grp(t)) for t in srcs]
         h = _Sent(works, srcs)
         self._sent.append(h)
@@ -138,8 +139,7 @@ def setup_groups(stages: int, tp: int, backend: str):
         group = dist.group.WORLD
     else:
         group = dist.new_group(list(range(world)), backend=backend)
-    cpu_group = group if backend == "gloo" else dist.new_group(list(range(world)),
-                                                               backend="gloo")
+    cpu_group = group if backend == "gloo" else dist.new_group(list(range(world)), backend="gloo")
     tp_group = None
     for s in range(stages):
         g = dist.new_group([s * tp + r for r in range(tp)], backend=backend) if tp > 1 else None
@@ -148,8 +148,7 @@ def setup_groups(stages: int, tp: int, backend: str):
     return device, group, cpu_group, tp_group
 
 
-def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = None
-                  ) -> list[dict]:
+def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = None) -> list[dict]:
     """Runs the pipeline on this rank, once per transport per repeat.
 
     With several ``transports`` (the benchmark) their runs alternate within each repeat, so a
@@ -163,8 +162,13 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
         raise SystemExit(f"--stages {stages} x --tp {tp} needs {stages * tp} ranks, got {world}")
     stage, tp_rank = divmod(rank, tp)
     device, group, cpu_group, tp_group = setup_groups(stages, tp, args.backend)
-    config = ModelConfig(vocab=args.vocab, hidden=args.hidden, heads=args.heads,
-                         layers=args.layers, dtype=DTYPES[args.dtype])
+    config = ModelConfig(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        heads=args.heads,
+        layers=args.layers,
+        dtype=DTYPES[args.dtype],
+    )
     sizes = microbatch_sizes(args.microbatches, args.tokens)
     tokens = sample_tokens(config, sizes, seed=args.seed)
     module = build_stage(config, stage, stages, device)
@@ -179,11 +183,22 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
         if transport == "pipepack_shm":
             if device.type != "cpu":
                 raise SystemExit("pipepack_shm carries CPU payloads; use the gloo backend")
-            return TensorDictChannel(peer, group=shm_group, cpu_group=shm_group,
-                                     all_gather_group=tp_group, transport="shm")
+            return TensorDictChannel(
+                peer,
+                group=shm_group,
+                cpu_group=shm_group,
+                all_gather_group=tp_group,
+                transport="shm",
+            )
         declared = Declared.from_example(example) if transport == "pipepack_static" else None
-        return TensorDictChannel(peer, group=group, cpu_group=cpu_group,
-                                 all_gather_group=tp_group, declared=declared, transport="dist")
+        return TensorDictChannel(
+            peer,
+            group=group,
+            cpu_group=cpu_group,
+            all_gather_group=tp_group,
+            declared=declared,
+            transport="dist",
+        )
 
     drivers = {}
     for transport in transports:
@@ -191,11 +206,18 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
         send_ch = channel(rank + tp, transport) if stage < stages - 1 else None
         static = None
         if transport == "pipepack_static" and recv_ch is not None:
-            static = {k: torch.empty((max(sizes),) + tuple(v.shape[1:]), dtype=v.dtype,
-                                     device=device) for k, v in example.items()}
-        drivers[transport] = StageDriver(module, recv_channel=recv_ch, send_channel=send_ch,
-                                         depth=args.depth, num_tokens=sizes,
-                                         static_inputs=static)
+            static = {
+                k: torch.empty((max(sizes),) + tuple(v.shape[1:]), dtype=v.dtype, device=device)
+                for k, v in example.items()
+            }
+        drivers[transport] = StageDriver(
+            module,
+            recv_channel=recv_ch,
+            send_channel=send_ch,
+            depth=args.depth,
+            num_tokens=sizes,
+            static_inputs=static,
+        )
     inputs = [{"input_ids": t.to(device)} for t in tokens]
     last = stage == stages - 1
     ref = reference_forward(config, tokens, num_stages=stages, device=device) if last else None
@@ -234,25 +256,41 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
         med = statistics.median(ts)
         q = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [min(ts)] * 3 + [max(ts)]
         rec = {
-            "stages": stages, "tp": tp, "transport": transport, "dtype": args.dtype,
-            "depth": args.depth, "microbatches": len(sizes), "tokens": sum(sizes),
-            "hidden": args.hidden, "layers": args.layers, "backend": args.backend,
-            "repeats": len(ts), "median_s": med,
-            "mb_per_s": len(sizes) / med, "tokens_per_s": sum(sizes) / med,
-            "mb_per_s_p20": len(sizes) / q[3], "mb_per_s_p80": len(sizes) / q[0],
+            "stages": stages,
+            "tp": tp,
+            "transport": transport,
+            "dtype": args.dtype,
+            "depth": args.depth,
+            "microbatches": len(sizes),
+            "tokens": sum(sizes),
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "backend": args.backend,
+            "repeats": len(ts),
+            "median_s": med,
+            "mb_per_s": len(sizes) / med,
+            "tokens_per_s": sum(sizes) / med,
+            "mb_per_s_p20": len(sizes) / q[3],
+            "mb_per_s_p80": len(sizes) / q[0],
             "match": match,
         }
-        print(f"pp{stages} tp{tp} {transport:>15} {args.dtype} depth {args.depth}: "
-              f"{rec['mb_per_s']:9.1f} micro-batches/s  {rec['tokens_per_s']:10.0f} tokens/s  "
-              f"{'MATCH' if match else 'MISMATCH'} (vs one process, bit-exact, "
-              f"{len(sizes)} micro-batches x {args.repeats + args.warmup} runs)", flush=True)
+        print(
+            f"pp{stages} tp{tp} {transport:>15} {args.dtype} depth {args.depth}: "
+            f"{rec['mb_per_s']:9.1f} micro-batches/s  {rec['tokens_per_s']:10.0f} tokens/s  "
+            f"{'MATCH' if match else 'MISMATCH'} (vs one process, bit-exact, "
+            f"{len(sizes)} micro-batches x {args.repeats + args.warmup} runs)",
+            flush=True,
+        )
         records.append(rec)
     return records
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 # ----------------------------------------------------------------------------- launching
@@ -260,8 +298,13 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _forked(rank: int, world: int, init_file: str, args, transports, out_dir: str) -> None:
     torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     try:
         records = pipeline_rank(args, transports)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -271,28 +314,38 @@ def _forked(rank: int, world: int, init_file: str, args, transports, out_dir: st
         dist.destroy_process_group()
 
 
-def run_local(args: argparse.Namespace, transports: Sequence[str] | None = None
-              ) -> list[dict]:
+def run_local(args: argparse.Namespace, transports: Sequence[str] | None = None) -> list[dict]:
     """Forks ``stages * tp`` local gloo ranks; returns the reporting rank's records."""
     import torch.multiprocessing as mp
 
     world = args.stages * args.tp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_forked, args=(world, os.path.join(tmp, "init"), args, transports,
-                                          tmp),
-                           nprocs=world, start_method="fork")
+        mp.start_processes(
+            _forked,
+            args=(world, os.path.join(tmp, "init"), args, transports, tmp),
+            nprocs=world,
+            start_method="fork",
+        )
         with open(os.path.join(tmp, f"rank{world - args.tp}.json")) as f:
             return json.load(f)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", type=int, default=None,
-                   help="PP stages (default: world / tp under torchrun, else 2)")
+    p.add_argument(
+        "--stages",
+        type=int,
+        default=None,
+        help="PP stages (default: world / tp under torchrun, else 2)",
+    )
     p.add_argument("--tp", type=int, choices=[1, 2], default=1)
     p.add_argument("--microbatches", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=32,
-                   help="largest micro-batch; sizes vary between tokens/2 and tokens")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=32,
+        help="largest micro-batch; sizes vary between tokens/2 and tokens",
+    )
     p.add_argument("--depth", type=int, default=2, help="micro-batches in flight per stage")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")

@@ -7,6 +7,7 @@ is one kernel launch.
 """
 
 from .fused import (
+    WireLayout,
     add_rmsnorm_reference,
     dequantize_fp8,
     dequantize_fp8_reference,
@@ -16,7 +17,6 @@ from .fused import (
     quantize_fp8_reference,
     unpack_add_rmsnorm,
     unpack_add_rmsnorm_reference,
-    WireLayout,
 )
 from .layout import SUPPORTED_DTYPES, Entry, Layout, plan_layout
 from .ops import (

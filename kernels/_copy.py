@@ -161,8 +161,9 @@ def _copy_tiled(
 
 
 @triton.jit
-def _slot_addr(slot, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14,
-               p15):
+def _slot_addr(
+    slot, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15
+):
     a = tl.where(slot == 1, base_addr, 0)
     a = tl.where(slot == 2, p0, a)
     a = tl.where(slot == 3, p1, a)
@@ -190,7 +191,22 @@ _ARG_NAMES = ["table_addr", "base_addr"] + [f"p{i}" for i in range(N_PTR)]
 def _copy_segments_kernel(
     table_addr,  # int64 address of [grid] (segment << 32 | block) codes, then [segments, ROW]
     base_addr,  # slot 1: the packed buffer of pack / unpack_into
-    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,  # slots 2..17
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    p8,
+    p9,
+    p10,
+    p11,
+    p12,
+    p13,
+    p14,
+    p15,  # slots 2..17
 ):
     table_ptr = tl.multiple_of(table_addr.to(tl.pointer_type(tl.int64)), 16)
     pid = tl.program_id(0).to(tl.int64)
@@ -203,11 +219,45 @@ def _copy_segments_kernel(
     n = tl.load(row_ptr + 2)
     slots = tl.load(row_ptr + 23)
     src_addr = tl.load(row_ptr + 3) + _slot_addr(
-        slots & 0xFF, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14,
-        p15)
+        slots & 0xFF,
+        base_addr,
+        p0,
+        p1,
+        p2,
+        p3,
+        p4,
+        p5,
+        p6,
+        p7,
+        p8,
+        p9,
+        p10,
+        p11,
+        p12,
+        p13,
+        p14,
+        p15,
+    )
     dst_addr = tl.load(row_ptr + 4) + _slot_addr(
-        (slots >> 8) & 0xFF, base_addr, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12,
-        p13, p14, p15)
+        (slots >> 8) & 0xFF,
+        base_addr,
+        p0,
+        p1,
+        p2,
+        p3,
+        p4,
+        p5,
+        p6,
+        p7,
+        p8,
+        p9,
+        p10,
+        p11,
+        p12,
+        p13,
+        p14,
+        p15,
+    )
     word_log2 = tl.load(row_ptr + 1)
     if mode == 0:
         src = tl.multiple_of(src_addr.to(tl.pointer_type(tl.int32)), 16)
@@ -451,9 +501,7 @@ def tile_row(
     """
     if esize not in (1, 2, 4, 8) or src.start or dst.start:
         return None
-    dims = [
-        (z, s, d) for z, s, d in zip(shape, src_strides, dst_strides) if z != 1
-    ]
+    dims = [(z, s, d) for z, s, d in zip(shape, src_strides, dst_strides) if z != 1]
     merged: list[list[int]] = []
     for z, s, d in dims:
         if merged and merged[-1][1] == z * s and merged[-1][2] == z * d:
@@ -515,7 +563,8 @@ def _launch_hooks_set() -> bool:
     runtime = getattr(knobs, "runtime", None)
     if runtime is not None:
         return bool(
-            getattr(runtime, "launch_enter_hook", None) or getattr(runtime, "launch_exit_hook", None)
+            getattr(runtime, "launch_enter_hook", None)
+            or getattr(runtime, "launch_exit_hook", None)
         )
     ck = getattr(getattr(triton, "compiler", None), "CompiledKernel", None)
     return bool(getattr(ck, "launch_enter_hook", None) or getattr(ck, "launch_exit_hook", None))
@@ -668,8 +717,16 @@ def build_plan(
     else:
         table = torch.tensor(flat, dtype=torch.int64)
     return Plan(
-        table, grid, device, tuple(keep), tuple(after), host=host, meta=meta,
-        table_addr=table.data_ptr(), ready=ready, ready_stream=ready_stream,
+        table,
+        grid,
+        device,
+        tuple(keep),
+        tuple(after),
+        host=host,
+        meta=meta,
+        table_addr=table.data_ptr(),
+        ready=ready,
+        ready_stream=ready_stream,
     )
 
 

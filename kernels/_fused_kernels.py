@@ -207,8 +207,15 @@ def _recv_norm_kernel(
 
 
 @triton.jit
-def _wire_rows(row_ptr, blk, base_addr, DT: tl.constexpr, ELEM: tl.constexpr,
-               FBLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+def _wire_rows(
+    row_ptr,
+    blk,
+    base_addr,
+    DT: tl.constexpr,
+    ELEM: tl.constexpr,
+    FBLOCK: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
     """FOLD and QUANT segments of one model dtype (``ELEM`` is its pointer element type)."""
     mode = tl.load(row_ptr)
     a_addr = tl.load(row_ptr + 3)

@@ -673,7 +673,12 @@ def _reassembly_plan(gathered, layout, flags, part, part_layout, views, dsts) ->
         esize = e.dtype.itemsize
         if f:
             pieces = [
-                (_copy.SLOT_BASE, r * row_bytes + pe.offset, r * (e.numel // world), e.numel // world)
+                (
+                    _copy.SLOT_BASE,
+                    r * row_bytes + pe.offset,
+                    r * (e.numel // world),
+                    e.numel // world,
+                )
                 for r in range(world)
             ]
         else:

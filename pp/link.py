@@ -603,7 +603,9 @@ class Link:
             seq = self._recv_posted
             self._recv_posted += 1
             inc = _Incoming(seq, None, None, opts)
-            if self.recv_mode == "dist":  # nothing can switch the peer away from gloo: post now
+            # post now once nothing can switch the peer away from gloo, but never ahead of an
+            # earlier receive still unposted (heads match posted receives in posting order)
+            if self.recv_mode == "dist" and all(q.handle is not None for q in self._queue):
                 self._post_head(inc)
             self._queue.append(inc)
         return inc
@@ -678,7 +680,9 @@ class Link:
                         )
                     else:
                         if front.handle is None:
-                            self._post_head(front)
+                            with self._post_lock:
+                                if front.handle is None:
+                                    self._post_head(front)
                         front.handle.wait(left)
                         if self._is_switch(front):
                             front.handle = None
@@ -836,7 +840,10 @@ def _chunks_from_sources(srcs: list, layout: Any, chunk: int) -> list[torch.Tens
     spans = []
     for t, e in zip(srcs, layout.entries):
         if e.nbytes:
-            spans.append((e.offset, e.offset + e.nbytes, t.reshape(-1).view(torch.uint8)))
+            flat = t.detach().reshape(-1)
+            if flat.stride(0) != 1:  # e.g. one element with a large stride: clone keeps it
+                flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+            spans.append((e.offset, e.offset + e.nbytes, flat.view(torch.uint8)))
     msgs = []
     total = layout.nbytes
     i = 0

@@ -90,8 +90,9 @@ def _hop(tensors) -> tuple[torch.Tensor, K.Layout]:
 
 
 def _run_both(buf, layout, hidden, residual, weight, order, **kw):
-    got = Fz.unpack_add_rmsnorm(buf, layout, hidden, residual, weight, EPS, order=order,
-                                impl="triton", **kw)
+    got = Fz.unpack_add_rmsnorm(
+        buf, layout, hidden, residual, weight, EPS, order=order, impl="triton", **kw
+    )
     want = Fz.unpack_add_rmsnorm_reference(buf, layout, hidden, residual, weight, EPS, order=order)
     return got, want
 
@@ -229,8 +230,9 @@ def test_caller_destinations_strided_and_larger(impl, order):
     buf, layout = _hop([h, r])
     ob, ov = _canary_dest(T, H, dtype, extra_rows=3)
     rb, rv = _canary_dest(T, H, dtype, extra_rows=1, pad=24)
-    out, res = Fz.unpack_add_rmsnorm(buf, layout, 0, 1, w, EPS, order=order, out=ov,
-                                     residual_out=rv, impl=impl)
+    out, res = Fz.unpack_add_rmsnorm(
+        buf, layout, 0, 1, w, EPS, order=order, out=ov, residual_out=rv, impl=impl
+    )
     want_out, want_res = Fz.add_rmsnorm_reference(h, r, w, EPS, order=order)
     assert out.data_ptr() == ov.data_ptr() and out.shape == (T, H)
     assert res.data_ptr() == rv.data_ptr() and res.shape == (T, H)
@@ -371,8 +373,9 @@ def test_folded_hop_gives_the_unfused_residual(order, dtype):
     turns into at most two ulps (one when no power of two lies in between)."""
     h, r, w = _activations(10, 4096, dtype, 13)
     buf, wire = Fz.pack_wire([h, r], fold=(0, 1), impl="triton")
-    out, res = Fz.unpack_add_rmsnorm(buf, wire.layout, wire.entries[0], None, w, EPS,
-                                     order=order, impl="triton")
+    out, res = Fz.unpack_add_rmsnorm(
+        buf, wire.layout, wire.entries[0], None, w, EPS, order=order, impl="triton"
+    )
     want_out, want_res = Fz.add_rmsnorm_reference(h, r, w, EPS, order=order)
     _assert_bits(res, want_res, "residual")
     if order == "vllm":
@@ -642,9 +645,18 @@ def test_interpreter_needed_for_triton_on_cpu(monkeypatch):
 
 
 def test_names_exported():
-    for name in ("unpack_add_rmsnorm", "pack_wire", "plan_wire", "dequantize_fp8",
-                 "add_rmsnorm_reference", "unpack_add_rmsnorm_reference", "pack_wire_reference",
-                 "quantize_fp8_reference", "dequantize_fp8_reference", "WireLayout"):
+    for name in (
+        "unpack_add_rmsnorm",
+        "pack_wire",
+        "plan_wire",
+        "dequantize_fp8",
+        "add_rmsnorm_reference",
+        "unpack_add_rmsnorm_reference",
+        "pack_wire_reference",
+        "quantize_fp8_reference",
+        "dequantize_fp8_reference",
+        "WireLayout",
+    ):
         assert getattr(K, name) is getattr(Fz, name)
         assert name in K.__all__
     assert math.isclose(Fz.FP8_MAX, 448.0)
@@ -664,16 +676,17 @@ def test_compiled_kernel_bit_exact_on_cuda(dtype, H, order):
         buf, layout = _hop([h, r])
         ob, ov = (t.cuda() for t in _canary_dest(T, H, dtype, extra_rows=2))
         out, res = Fz.unpack_add_rmsnorm(buf, layout, 0, 1, w, EPS, order=order, out=ov)
-        want_out, want_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS,
-                                                             order=order)
+        want_out, want_res = Fz.unpack_add_rmsnorm_reference(buf, layout, 0, 1, w, EPS, order=order)
         _assert_bits(res, want_res, f"T={T} residual")
         _check_canary_dest(ob.cpu(), ov.cpu(), T, want_out.cpu())
         fbuf, wire = Fz.pack_wire([h, r], fold=(0, 1), fp8=(0,) if order == "vllm" else ())
-        ref, _ = Fz.pack_wire_reference([h, r], fold=(0, 1),
-                                        fp8=(0,) if order == "vllm" else ())
+        ref, _ = Fz.pack_wire_reference([h, r], fold=(0, 1), fp8=(0,) if order == "vllm" else ())
         for e in wire.layout.entries:
-            _assert_bits(fbuf[e.offset : e.offset + e.nbytes], ref[e.offset : e.offset + e.nbytes],
-                         f"T={T} wire entry")
+            _assert_bits(
+                fbuf[e.offset : e.offset + e.nbytes],
+                ref[e.offset : e.offset + e.nbytes],
+                f"T={T} wire entry",
+            )
         got = Fz.unpack_add_rmsnorm(fbuf, wire.layout, 0, None, w, EPS, order=order)
         want = Fz.unpack_add_rmsnorm_reference(fbuf, wire.layout, 0, None, w, EPS, order=order)
         _assert_bits(got[0], want[0], f"T={T} folded out")

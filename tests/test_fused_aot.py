@@ -145,8 +145,9 @@ def test_aligned_rows_move_16_byte_vectors(compiled, cc, name):
 @pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("cc", CAPABILITIES)
 def test_no_multiply_add_contraction(compiled, cc, name):
-    assert compiled[f"{cc}/{name}"]["fma_f32"] == 0, "fma.rn.f32 in the PTX: results would not " \
-        "match the references bit for bit"
+    assert compiled[f"{cc}/{name}"]["fma_f32"] == 0, (
+        "fma.rn.f32 in the PTX: results would not match the references bit for bit"
+    )
 
 
 @pytest.mark.parametrize("name", KERNELS)

@@ -36,6 +36,7 @@ def _fresh_plans():
     K.clear_plan_cache()
     yield
 
+
 ALL_DTYPES = [
     torch.bfloat16,
     torch.float16,
@@ -616,7 +617,10 @@ def test_cpu_copies_stay_in_the_calling_thread():
     ``copy_`` of the same size does (the control, so this test can fail)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TRITON_INTERPRET")}
     out = subprocess.run(
-        [sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", _THREADS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -691,7 +695,7 @@ def test_word_size_follows_each_piece_for_every_split(impl, device):
                 for start in (0, 1, cols):
                     cases.append((dtype, rows, cols, world, start))
     values, dests = [], []
-    for dtype, rows, cols, world, start in cases:
+    for dtype, rows, cols, _world, start in cases:
         values.append(_random_tensor((rows, cols), dtype, device))
         dests.append(
             Dest.make((rows, 2 * cols), dtype, device, lambda t, s=start, c=cols: t[:, s : s + c])
@@ -1069,8 +1073,10 @@ def test_pack_reuses_its_plan_and_reads_current_contents(plan_builds, device):
     _assert_entries(out, layout, tensors)
 
     # new tensors (new addresses, same alignment): their addresses are launch arguments
-    bases = [_random_tensor((37 * 9 + 8,), torch.bfloat16, device),
-             _random_tensor((123 + 16,), torch.int8, device)]
+    bases = [
+        _random_tensor((37 * 9 + 8,), torch.bfloat16, device),
+        _random_tensor((123 + 16,), torch.int8, device),
+    ]
     others = [bases[0][:333].view(37, 9).t(), bases[1][:123]]
     K.pack(others, out=out, impl="triton")
     assert len(plan_builds) == 1, "new addresses of the same alignment rebuilt the plan"
@@ -1090,7 +1096,7 @@ def test_a_fresh_buffer_and_fresh_tensors_every_call_hit_one_plan(plan_builds, d
     """The transport's hop: new sources, a new packed buffer, new destinations every call."""
     shapes = [((6, 40), torch.bfloat16), ((3,), torch.int64), ((40, 6), torch.float32)]
     dests = []
-    for step in range(4):
+    for _step in range(4):
         srcs = [_random_tensor(s, d, device) for s, d in shapes]
         srcs[2] = srcs[2].t().contiguous().t()  # a transposed view, fresh every call
         buf = K.pack(srcs, impl="triton")
@@ -1102,15 +1108,18 @@ def test_a_fresh_buffer_and_fresh_tensors_every_call_hit_one_plan(plan_builds, d
 
 
 def test_pack_without_a_layout_does_not_plan_one_per_call(plan_builds, device, monkeypatch):
-    tensors = [_random_tensor((5, 8), torch.float16, device), _random_tensor((7,), torch.int8,
-                                                                              device)]
+    tensors = [
+        _random_tensor((5, 8), torch.float16, device),
+        _random_tensor((7,), torch.int8, device),
+    ]
     layout = plan_layout(tensors)
     K.ops._layout_of.cache_clear()
     calls = []
     from_specs = K.Layout.from_specs.__func__
     monkeypatch.setattr(
-        K.Layout, "from_specs", classmethod(lambda cls, *a, **kw: calls.append(1)
-                                            or from_specs(cls, *a, **kw))
+        K.Layout,
+        "from_specs",
+        classmethod(lambda cls, *a, **kw: calls.append(1) or from_specs(cls, *a, **kw)),
     )
     for impl in ("torch", "triton"):
         for _ in range(3):
@@ -1125,8 +1134,10 @@ def test_pack_plan_follows_a_moving_output_buffer(plan_builds, device):
     """The output side of a pack plan is relative to ``out``: a fresh buffer reuses the plan
     (the transport packs into a new buffer every hop) and each copy lands in its own buffer,
     nothing outside it."""
-    tensors = [_random_tensor((5, 7), torch.float16, device), _random_tensor((3,), torch.int64,
-                                                                             device)]
+    tensors = [
+        _random_tensor((5, 7), torch.float16, device),
+        _random_tensor((3,), torch.int64, device),
+    ]
     layout = plan_layout(tensors)
     arenas = [_canary((layout.nbytes + 128,), torch.uint8, device) for _ in range(3)]
     for i, arena in enumerate(arenas):
@@ -1142,8 +1153,10 @@ def test_pack_plan_follows_a_moving_output_buffer(plan_builds, device):
 
 
 def test_unpack_into_plan_follows_a_moving_source_buffer(plan_builds, device):
-    tensors = [_random_tensor((4, 6), torch.bfloat16, device), _random_tensor((5,), torch.int32,
-                                                                              device)]
+    tensors = [
+        _random_tensor((4, 6), torch.bfloat16, device),
+        _random_tensor((5,), torch.int32, device),
+    ]
     layout = plan_layout(tensors)
     outs = [_canary(t.shape, t.dtype, device) for t in tensors]
     for _ in range(3):
@@ -1269,8 +1282,9 @@ TILED_VIEWS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
 @pytest.mark.parametrize("view", list(TILED_VIEWS))
 def test_transposes_take_the_tiled_path_and_are_exact(plan_builds, view, dtype, device):
     """pack from a transposed source and unpack_into a transposed destination: the plan picks
@@ -1313,9 +1327,7 @@ def test_tiled_path_needs_aligned_rows_and_whole_tiles(plan_builds, device):
         assert _copy._TILED not in [r[0] for r in plan_builds[-1]]
 
 
-def test_reassemble_into_a_transposed_destination_uses_tiles_for_whole_entries(
-    plan_builds, device
-):
+def test_reassemble_into_a_transposed_destination_uses_tiles_for_whole_entries(plan_builds, device):
     t = _tile(torch.float32)
     values = [_random_tensor((t + 16, t + 8), torch.float32, device) for _ in range(2)]
     dests = [
@@ -1325,8 +1337,9 @@ def test_reassemble_into_a_transposed_destination_uses_tiles_for_whole_entries(
     flags = (True, False)  # the whole entry comes from the part buffer in one piece
     layout, gathered, parts = _tp_gather(values, 2, flags)
 
-    K.reassemble_into(gathered, layout, [d.view for d in dests], sliced=flags, part=parts[0],
-                      impl="triton")
+    K.reassemble_into(
+        gathered, layout, [d.view for d in dests], sliced=flags, part=parts[0], impl="triton"
+    )
     for v, d in zip(values, dests):
         d.check(v)
     assert [r[0] for r in plan_builds[-1]].count(_copy._TILED) == 1
@@ -1353,7 +1366,9 @@ def test_plan_cache_is_safe_under_threads(monkeypatch, device):
                 n = 3 + (seed + step) % 5
                 tensors = [
                     torch.randint(0, 256, (n * 4,), generator=gen, dtype=torch.uint8)
-                    .view(torch.float32).view(n, 1).expand(n, 3),
+                    .view(torch.float32)
+                    .view(n, 1)
+                    .expand(n, 3),
                     torch.randint(-9, 9, (n + seed,), generator=gen, dtype=torch.int16),
                 ]
                 layout = plan_layout(tensors)
@@ -1453,8 +1468,9 @@ def test_kernel_arguments_are_the_slot_bases(plan_builds, device, monkeypatch):
     kernel's integer arguments (what lets a fresh buffer or tensor reuse the table)."""
     seen = []
     real = _copy._jit_launch
-    monkeypatch.setattr(_copy, "_jit_launch", lambda grid, args: seen.append(list(args))
-                        or real(grid, args))
+    monkeypatch.setattr(
+        _copy, "_jit_launch", lambda grid, args: seen.append(list(args)) or real(grid, args)
+    )
     base = _random_tensor((40,), torch.int8, device)
     tensors = [base[3:20], _random_tensor((4, 4), torch.float32, device)]
     out = torch.empty(plan_layout(tensors).nbytes + 32, dtype=torch.uint8, device=device)
@@ -1492,8 +1508,15 @@ def _flat(ptr: int = 0, start: int = 0) -> _copy.View:
         # 1-byte elements in 4-byte rows at 12-byte strides
         (_copy.View(0, (5, 4), (12, 1)), 20, 1, 4),
     ],
-    ids=["aligned_rows", "misaligned_ptr", "piece_start", "piece_length", "row_stride",
-         "step", "bytes"],
+    ids=[
+        "aligned_rows",
+        "misaligned_ptr",
+        "piece_start",
+        "piece_length",
+        "row_stride",
+        "step",
+        "bytes",
+    ],
 )
 def test_the_word_is_the_widest_every_side_and_piece_allows(dst, n, esize, word):
     (row,) = _copy.segment_rows(_flat(), dst, n, esize)

@@ -40,6 +40,8 @@ def _fresh_plans():
     forked test worker, as mutation testing runs them) would hide the planning code from it."""
     K.clear_plan_cache()
     yield
+
+
 SEED = int(os.environ.get("PIPEPACK_FUZZ_SEED", 20261201))
 N_CASES = int(os.environ.get("PIPEPACK_FUZZ_CASES", 400))
 N_SLOW = 4000
@@ -245,12 +247,18 @@ class Case:
             dspec = _view(rng, shape, source=False)
             dests.append(Slot.draw(rng, dtype, dspec))
             dwhats.append(dspec.what)
-        flags = tuple(
-            v.numel() % world == 0 and rng.random() < 0.8 for v in values
-        )
+        flags = tuple(v.numel() % world == 0 and rng.random() < 0.8 for v in values)
         return Case(
-            seed, world, values, sources, swhats, dests, dwhats, flags,
-            16 * rng.randint(0, 3), rng.random() < 0.8,
+            seed,
+            world,
+            values,
+            sources,
+            swhats,
+            dests,
+            dwhats,
+            flags,
+            16 * rng.randint(0, 3),
+            rng.random() < 0.8,
         )
 
     def describe(self) -> str:
@@ -293,8 +301,9 @@ def _run(case: Case, op: str, impl: str) -> list[torch.Tensor]:
             # the zero-copy views of the same buffer
             for v, want in zip(K.unpack(buf, layout), case.values):
                 assert v.dtype == want.dtype and v.shape == want.shape
-                assert torch.equal(v.reshape(-1).view(torch.uint8),
-                                   want.reshape(-1).view(torch.uint8))
+                assert torch.equal(
+                    v.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+                )
         return list(arenas)
 
     world, flags = case.world, case.flags
@@ -326,8 +335,9 @@ def _run(case: Case, op: str, impl: str) -> list[torch.Tensor]:
             out = arena[pad + case.out_front : pad + case.out_front + layout.nbytes]
             K.reassemble(gathered, layout, out=out, impl=impl, **kw)
             return [arena]
-        return [t.reshape(-1).view(torch.uint8) for t in K.reassemble(gathered, layout, impl=impl,
-                                                                       **kw)]
+        return [
+            t.reshape(-1).view(torch.uint8) for t in K.reassemble(gathered, layout, impl=impl, **kw)
+        ]
 
     arenas, outs = zip(*(d.make() for d in case.dests)) if case.dests else ((), ())
     if impl == "reference":

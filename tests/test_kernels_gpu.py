@@ -385,8 +385,9 @@ def builds(monkeypatch) -> list[list[list[int]]]:
     seen: list[list[list[int]]] = []
     build = _copy.build_plan
     monkeypatch.setattr(
-        _copy, "build_plan", lambda rows, device, **kw: seen.append(rows) or build(rows, device,
-                                                                                   **kw)
+        _copy,
+        "build_plan",
+        lambda rows, device, **kw: seen.append(rows) or build(rows, device, **kw),
     )
     yield seen
     K.clear_plan_cache()
@@ -421,8 +422,9 @@ def test_gpu_repeat_calls_launch_the_compiled_kernel_directly(builds, monkeypatc
     assert not jit or _copy._launch_hooks_set(), "a warm launch went through the JIT"
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
 def test_gpu_tiled_transposes_are_exact(builds, dtype):
     bases = [_random_tensor((4096 + 16, 256 + 32), dtype), _random_tensor((3, 80, 1040), dtype)]
     srcs = [bases[0].t(), bases[1].transpose(1, 2)]
@@ -434,8 +436,10 @@ def test_gpu_tiled_transposes_are_exact(builds, dtype):
     _assert_untouched(arena[32 + layout.nbytes :])
     assert [r[0] for r in builds[-1]].count(_copy._TILED) == 2
 
-    dests = [Dest(tuple(b.shape), dtype, op) for b, op in
-             zip(bases, (lambda t: t.transpose(0, 1), lambda t: t.transpose(1, 2)))]
+    dests = [
+        Dest(tuple(b.shape), dtype, op)
+        for b, op in zip(bases, (lambda t: t.transpose(0, 1), lambda t: t.transpose(1, 2)))
+    ]
     values = [_random_tensor(d.view.shape, dtype) for d in dests]
     vl = plan_layout(values)
     K.unpack_into(K.pack_reference(values, vl), vl, [d.view for d in dests])
@@ -492,8 +496,10 @@ def test_gpu_threads_on_their_own_streams_share_the_cache():
             stream = torch.cuda.Stream()
             with torch.cuda.stream(stream):
                 for step in range(20):
-                    srcs = [_random_tensor((8 + i, 256), torch.bfloat16),
-                            _random_tensor((256, 8 + step % 3), torch.float32).t()]
+                    srcs = [
+                        _random_tensor((8 + i, 256), torch.bfloat16),
+                        _random_tensor((256, 8 + step % 3), torch.float32).t(),
+                    ]
                     buf = K.pack(srcs)
                     stream.synchronize()
                     _assert_entries(buf, plan_layout(srcs), [_bytes(s) for s in srcs])

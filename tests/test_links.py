@@ -47,10 +47,12 @@ def _link(peer: int):
 
 def _hop(tag: int, k: int, rows: int, cols: int = 4096) -> dict:
     g = torch.Generator().manual_seed(tag * 100_003 + k)
-    return {"tag": tag, "k": k,
-            "h": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
-            "r": torch.randint(-(2**31), 2**31 - 1, (rows, cols // 2), generator=g,
-                               dtype=torch.int32)}
+    return {
+        "tag": tag,
+        "k": k,
+        "h": torch.randn(rows, cols, generator=g).to(torch.bfloat16),
+        "r": torch.randint(-(2**31), 2**31 - 1, (rows, cols // 2), generator=g, dtype=torch.int32),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,28 +137,42 @@ def test_one_thread_sends_while_another_receives(transport: str) -> None:
 # peers configured differently
 # ---------------------------------------------------------------------------------------------
 
-_D = {"h": torch.zeros(4, 64, dtype=torch.bfloat16), "r": torch.zeros(4, 64),
-      "__msg_type__": "proxy"}
+_D = {
+    "h": torch.zeros(4, 64, dtype=torch.bfloat16),
+    "r": torch.zeros(4, 64),
+    "__msg_type__": "proxy",
+}
 
 
 def _mismatch_body(rank: int, world: int, transport: str, case: str) -> None:
     _use(transport)
     rows = 8192  # 3 MiB: larger than either end's head capacity on gloo
-    good = {"h": torch.randn(rows, 64).to(torch.bfloat16), "r": torch.randn(rows, 64),
-            "__msg_type__": "proxy"}
+    good = {
+        "h": torch.randn(rows, 64).to(torch.bfloat16),
+        "r": torch.randn(rows, 64),
+        "__msg_type__": "proxy",
+    }
     if rank == 0:
-        kw = dict({"slot_bytes": {"slot_bytes": 64 << 10},
-                   "chunk": {"chunk_bytes": None}}.get(case, {}))
+        kw = dict(
+            {"slot_bytes": {"slot_bytes": 64 << 10}, "chunk": {"chunk_bytes": None}}.get(case, {})
+        )
         if case in ("declared_both", "tokens"):
             kw["declared"] = Declared.from_example(_D)
         if case == "hidden":
             kw["declared"] = Declared.from_example(
-                {"h": torch.zeros(4, 32, dtype=torch.bfloat16), "r": torch.zeros(4, 64),
-                 "__msg_type__": "proxy"})
+                {
+                    "h": torch.zeros(4, 32, dtype=torch.bfloat16),
+                    "r": torch.zeros(4, 64),
+                    "__msg_type__": "proxy",
+                }
+            )
         ch = TensorDictChannel(1, **kw)
         if case == "hidden":
-            bad = {"h": torch.randn(rows, 32).to(torch.bfloat16), "r": torch.randn(rows, 64),
-                   "__msg_type__": "proxy"}
+            bad = {
+                "h": torch.randn(rows, 32).to(torch.bfloat16),
+                "r": torch.randn(rows, 64),
+                "__msg_type__": "proxy",
+            }
             ch.isend(bad)
         else:
             ch.isend(good)
@@ -184,8 +200,9 @@ def _mismatch_body(rank: int, world: int, transport: str, case: str) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("case", ["slot_bytes", "chunk", "declared_receiver_only",
-                                  "declared_both", "tokens", "hidden"])
+@pytest.mark.parametrize(
+    "case", ["slot_bytes", "chunk", "declared_receiver_only", "declared_both", "tokens", "hidden"]
+)
 def test_peers_configured_differently(transport: str, case: str) -> None:
     """Head capacity, chunk size, a declaration on one side only, a token count or a hidden size
     that disagrees: the hop either arrives exactly or raises on the receiver naming both values;
@@ -196,11 +213,24 @@ def test_peers_configured_differently(transport: str, case: str) -> None:
 def test_declared_sender_refuses_more_tokens_than_declared() -> None:
     """max_tokens bounds what a declared sender sends, before anything is posted."""
     decl = Declared.from_example(_D, max_tokens=16)
-    assert decl.check({"h": torch.zeros(16, 64, dtype=torch.bfloat16), "r": torch.zeros(16, 64),
-                       "__msg_type__": "proxy"}) == 16
+    assert (
+        decl.check(
+            {
+                "h": torch.zeros(16, 64, dtype=torch.bfloat16),
+                "r": torch.zeros(16, 64),
+                "__msg_type__": "proxy",
+            }
+        )
+        == 16
+    )
     with pytest.raises(ValueError, match="17 tokens exceed the declared max_tokens=16"):
-        decl.check({"h": torch.zeros(17, 64, dtype=torch.bfloat16), "r": torch.zeros(17, 64),
-                    "__msg_type__": "proxy"})
+        decl.check(
+            {
+                "h": torch.zeros(17, 64, dtype=torch.bfloat16),
+                "r": torch.zeros(17, 64),
+                "__msg_type__": "proxy",
+            }
+        )
 
 
 def _pickle_alternating_body(rank: int, world: int, transport: str) -> None:
@@ -255,8 +285,11 @@ def _nested() -> dict:
     g = torch.Generator().manual_seed(7)
     return {
         "next_token_ids": torch.arange(4, dtype=torch.int32),
-        "output_token_logprobs_val": [torch.randn(3, generator=g), torch.randn(0, generator=g),
-                                      torch.randn(5, generator=g).double()],
+        "output_token_logprobs_val": [
+            torch.randn(3, generator=g),
+            torch.randn(0, generator=g),
+            torch.randn(5, generator=g).double(),
+        ],
         "output_top_logprobs": [None, {"ids": torch.arange(2), "p": (1.5, torch.ones(2, 2))}],
         "flags": (True, 3, "s", b"b"),
         "__msg_type__": "output",
@@ -274,8 +307,10 @@ def _nested_body(rank: int, world: int, transport: str) -> None:
     check_dict(recv_tensor_dict(), _nested())
     got = TensorDictChannel(0).recv()
     check_dict(got, _nested())
-    ptrs = {t.untyped_storage().data_ptr() for t in (got["next_token_ids"],
-                                                     *got["output_token_logprobs_val"])}
+    ptrs = {
+        t.untyped_storage().data_ptr()
+        for t in (got["next_token_ids"], *got["output_token_logprobs_val"])
+    }
     assert len(ptrs) == 1, "nested tensors are views of the one payload buffer"
 
 
@@ -302,8 +337,9 @@ def _timeout_body(rank: int, world: int, transport: str, tmp: str) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_wait_timeout_names_peer_and_step_and_a_later_wait_completes(transport: str,
-                                                                     tmp_path) -> None:
+def test_wait_timeout_names_peer_and_step_and_a_later_wait_completes(
+    transport: str, tmp_path
+) -> None:
     run_ranks(2, _timeout_body, transport, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
@@ -383,8 +419,12 @@ def _memory_body(rank: int, world: int, transport: str, hops: int, hidden: int, 
             gc.collect()
             base = _rss()
         if rank == 0:
-            send_tensor_dict({"h": torch.empty(t, hidden, dtype=torch.bfloat16),
-                              "r": torch.empty(t, hidden, dtype=torch.bfloat16)})
+            send_tensor_dict(
+                {
+                    "h": torch.empty(t, hidden, dtype=torch.bfloat16),
+                    "r": torch.empty(t, hidden, dtype=torch.bfloat16),
+                }
+            )
         else:
             got = recv_tensor_dict()
             assert got["h"].shape == (t, hidden)
@@ -468,15 +508,24 @@ _EXIT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("how", ["blocking_then_destroy", "isend_then_exit"])
-def test_nothing_is_lost_when_the_sender_exits_right_after(how: str, transport: str,
-                                                           tmp_path) -> None:
+def test_nothing_is_lost_when_the_sender_exits_right_after(
+    how: str, transport: str, tmp_path
+) -> None:
     script = tmp_path / "exit_script.py"
     script.write_text(_EXIT_SCRIPT)
     init = str(tmp_path / "init")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, how, transport],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=ROOT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), init, how, transport],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert procs[1].returncode == 0 and "RECEIVED" in outs[1][0], outs[1][1][-3000:]
     assert procs[0].returncode == 0, outs[0][1][-3000:]
@@ -524,9 +573,17 @@ def test_ring_peer_killed_raises_and_leaves_nothing_in_dev_shm(tmp_path) -> None
     script.write_text(_KILL_SCRIPT)
     init = str(tmp_path / "init")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=ROOT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), init],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert "MODES shm shm" in outs[0][0], outs[0]
     assert procs[1].returncode == -9
@@ -534,8 +591,11 @@ def test_ring_peer_killed_raises_and_leaves_nothing_in_dev_shm(tmp_path) -> None
     line = next(x for x in outs[0][0].splitlines() if x.startswith("RAISED"))
     assert float(line.split()[1]) < 30, line
     assert "receive #5 from rank 1" in line, line
-    left = [n for n in os.listdir("/dev/shm") if n.startswith("pipepack-")
-            and any(f"-{p.pid}-" in n for p in procs)]
+    left = [
+        n
+        for n in os.listdir("/dev/shm")
+        if n.startswith("pipepack-") and any(f"-{p.pid}-" in n for p in procs)
+    ]
     assert not left, left
 
 

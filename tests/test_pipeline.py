@@ -48,8 +48,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _config(dtype: str, fused: bool = False) -> ModelConfig:
-    return ModelConfig(vocab=96, hidden=64, heads=4, layers=4, mlp_ratio=2, dtype=DTYPES[dtype],
-                       fused_boundary_norm=fused)
+    return ModelConfig(
+        vocab=96,
+        hidden=64,
+        heads=4,
+        layers=4,
+        mlp_ratio=2,
+        dtype=DTYPES[dtype],
+        fused_boundary_norm=fused,
+    )
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,8 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 def _assert_bit_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), (
-        f"{what}: {got.dtype} {tuple(got.shape)} != {want.dtype} {tuple(want.shape)}")
+        f"{what}: {got.dtype} {tuple(got.shape)} != {want.dtype} {tuple(want.shape)}"
+    )
     if not torch.equal(_raw(got).cpu(), _raw(want).cpu()):
         diff = (got.float() - want.float()).abs().max().item()
         raise AssertionError(f"{what}: bytes differ (max abs diff {diff})")
@@ -93,8 +101,9 @@ def test_reference_logits_do_not_depend_on_the_split(dtype: str, one_thread: Non
         split = reference_forward(config, tokens, num_stages=n)
         for k, (a, b) in enumerate(zip(split, whole)):
             _assert_bit_equal(a, b, f"{n} stages, micro-batch {k}")
-    assert all(t.dtype == config.dtype and t.shape == (s, config.vocab)
-               for t, s in zip(whole, SIZES))
+    assert all(
+        t.dtype == config.dtype and t.shape == (s, config.vocab) for t, s in zip(whole, SIZES)
+    )
 
 
 def test_reference_init_is_seeded_and_leaves_the_global_rng_alone(one_thread: None) -> None:
@@ -104,8 +113,7 @@ def test_reference_init_is_seeded_and_leaves_the_global_rng_alone(one_thread: No
     a = build_stage(config, 1, 2)  # layers 2, 3
     b = build_stage(config, 0, 1)  # layers 0..3
     assert torch.equal(torch.random.get_rng_state(), state), "init drew from the global RNG"
-    for (name, p), (_, q) in zip(a.layers.named_parameters(),
-                                 b.layers[2:].named_parameters()):
+    for (name, p), (_, q) in zip(a.layers.named_parameters(), b.layers[2:].named_parameters()):
         _assert_bit_equal(p, q, name)
     other = build_stage(ModelConfig(**{**config.__dict__, "seed": 1}), 1, 2)
     assert not torch.equal(other.layers[0].attn.qkv, a.layers[0].attn.qkv)
@@ -143,6 +151,7 @@ class _FakeRecv:
             def wait(self) -> dict:
                 log.append(("wait", k))
                 return {"k": k}
+
         return _Pending()
 
 
@@ -158,6 +167,7 @@ class _FakeSend:
         class _Handle:
             def wait(self) -> None:
                 log.append(("send_done", k))
+
         return [_Handle()]
 
 
@@ -172,15 +182,17 @@ def test_driver_posts_receives_ahead_and_sends_each_output_at_once(depth: int) -
         log.append(("compute", x["k"]))
         return {"k": x["k"]}
 
-    driver = StageDriver(module, recv_channel=_FakeRecv(log), send_channel=_FakeSend(log),
-                         depth=depth)
+    driver = StageDriver(
+        module, recv_channel=_FakeRecv(log), send_channel=_FakeSend(log), depth=depth
+    )
     assert driver.run(num_microbatches=n) == []
     at = {e: i for i, e in enumerate(log)}
     for k in range(n):
         for j in range(k + 1, min(k + depth, n - 1) + 1):
             assert at[("post", j)] < at[("compute", k)], f"receive {j} not posted before {k}"
         assert ("post", k + depth + 1) not in at or at[("post", k + depth + 1)] > at[
-            ("wait", k + 1)], "more than depth receives posted ahead"
+            ("wait", k + 1)
+        ], "more than depth receives posted ahead"
         between = log[at[("compute", k)] + 1 : at[("send", k)]]
         assert all(e[0] == "send_done" for e in between), f"send {k} delayed by {between}"
         if k >= depth:
@@ -207,8 +219,12 @@ def test_driver_first_and_last_stage_and_bad_configuration() -> None:
         StageDriver(double, static_inputs={"x": torch.zeros(4)})
 
     with pytest.raises(ValueError, match="static_inputs or receive"):
-        StageDriver(double, recv_channel=_FakeRecv([]), static_inputs={"x": torch.zeros(4)},
-                    receive=lambda p: p.wait())
+        StageDriver(
+            double,
+            recv_channel=_FakeRecv([]),
+            static_inputs={"x": torch.zeros(4)},
+            receive=lambda p: p.wait(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +236,13 @@ def _run_spawned(world: int, fn: Callable[..., None], *args: Any, timeout_s: flo
     """``run_ranks`` with spawn instead of fork: a forked child cannot use CUDA once the
     parent touched it (pytest's GPU kernel tests do), so the NCCL variants start fresh."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_dist._entry, args=(world, os.path.join(tmp, "init"), fn, args,
-                                                     timeout_s, tmp),
-                                 nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _dist._entry,
+            args=(world, os.path.join(tmp, "init"), fn, args, timeout_s, tmp),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout_s + 60
         crashed = None
         try:
@@ -237,8 +257,11 @@ def _run_spawned(world: int, fn: Callable[..., None], *args: Any, timeout_s: flo
                 p.join(timeout=5)
                 if p.is_alive():
                     p.kill()
-        errors = [open(os.path.join(tmp, f"rank{r}.err")).read() for r in range(world)
-                  if os.path.exists(os.path.join(tmp, f"rank{r}.err"))]
+        errors = [
+            open(os.path.join(tmp, f"rank{r}.err")).read()
+            for r in range(world)
+            if os.path.exists(os.path.join(tmp, f"rank{r}.err"))
+        ]
         if errors or crashed is not None:
             raise AssertionError("\n".join(errors) or f"a rank died: {crashed}")
 
@@ -260,8 +283,17 @@ def _groups(stages: int, tp: int, backend: str):
     return device, group, cpu_group, tp_group
 
 
-def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, depth: int,
-                   transport: str, backend: str, link: str = "dist") -> None:
+def _pipeline_body(
+    rank: int,
+    world: int,
+    stages: int,
+    tp: int,
+    dtype: str,
+    depth: int,
+    transport: str,
+    backend: str,
+    link: str = "dist",
+) -> None:
     import pipepack.pp.link as link_mod
 
     link_mod.DEFAULT_TRANSPORT = link
@@ -274,16 +306,25 @@ def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, dept
     declared = Declared.from_example(example) if transport in ("declared", "static") else None
 
     def channel(peer: int) -> TensorDictChannel:
-        return TensorDictChannel(peer, group=group, cpu_group=cpu_group,
-                                 all_gather_group=tp_group, declared=declared,
-                                 timeout=TIMEOUT_S)
+        return TensorDictChannel(
+            peer,
+            group=group,
+            cpu_group=cpu_group,
+            all_gather_group=tp_group,
+            declared=declared,
+            timeout=TIMEOUT_S,
+        )
 
     recv_ch = channel(rank - tp) if stage > 0 else None
     send_ch = channel(rank + tp) if stage < stages - 1 else None
     static = None
     if transport == "static" and recv_ch is not None:  # CUDA-graph style inputs, max size
-        static = {k: torch.full((max(SIZES),) + tuple(v.shape[1:]), float("nan"),
-                                dtype=v.dtype, device=device) for k, v in example.items()}
+        static = {
+            k: torch.full(
+                (max(SIZES),) + tuple(v.shape[1:]), float("nan"), dtype=v.dtype, device=device
+            )
+            for k, v in example.items()
+        }
     module = build_stage(config, stage, stages, device)
     receive = None
     if fused and recv_ch is not None:  # the first layer's add + norm on the hop's own bytes
@@ -291,8 +332,16 @@ def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, dept
 
         def receive(p):
             return {**p.wait_add_rmsnorm(norm.weight.detach(), norm.eps), "__normed__": True}
-    driver = StageDriver(module, recv_channel=recv_ch, send_channel=send_ch, depth=depth,
-                         num_tokens=SIZES, static_inputs=static, receive=receive)
+
+    driver = StageDriver(
+        module,
+        recv_channel=recv_ch,
+        send_channel=send_ch,
+        depth=depth,
+        num_tokens=SIZES,
+        static_inputs=static,
+        receive=receive,
+    )
     if stage == 0:
         outs = driver.run([{"input_ids": t.to(device)} for t in tokens])
     else:
@@ -307,8 +356,9 @@ def _pipeline_body(rank: int, world: int, stages: int, tp: int, dtype: str, dept
     want = reference_forward(config, tokens, num_stages=stages, device=device)
     for k, (got, ref) in enumerate(zip(outs, want)):
         assert got["logits"].device.type == device.type
-        _assert_bit_equal(got["logits"], ref,
-                          f"stage {stage} tp rank {tp_rank}: logits of micro-batch {k}")
+        _assert_bit_equal(
+            got["logits"], ref, f"stage {stage} tp rank {tp_rank}: logits of micro-batch {k}"
+        )
 
 
 def _cases() -> list:
@@ -328,26 +378,61 @@ def _cases() -> list:
                     marks = []
                     if backend == "nccl":
                         n = torch.cuda.device_count()
-                        marks = [pytest.mark.gpu, pytest.mark.skipif(
-                            n < world, reason=f"the NCCL variant needs one CUDA device per rank "
-                                              f"({world}); this machine has {n}")]
-                    cases.append(pytest.param(
-                        stages, tp, dtype, depth, transport, backend, "dist", marks=marks,
-                        id=f"pp{stages}-tp{tp}-{dtype}-depth{depth}-{transport}-{backend}"))
+                        marks = [
+                            pytest.mark.gpu,
+                            pytest.mark.skipif(
+                                n < world,
+                                reason=f"the NCCL variant needs one CUDA device per rank "
+                                f"({world}); this machine has {n}",
+                            ),
+                        ]
+                    cases.append(
+                        pytest.param(
+                            stages,
+                            tp,
+                            dtype,
+                            depth,
+                            transport,
+                            backend,
+                            "dist",
+                            marks=marks,
+                            id=f"pp{stages}-tp{tp}-{dtype}-depth{depth}-{transport}-{backend}",
+                        )
+                    )
     # every topology once through the same-host ring, and through the fused receive op
     for stages, tp in ((2, 1), (3, 1), (4, 1), (2, 2)):
         if shm.available():
-            cases.append(pytest.param(stages, tp, "bf16", 2, "declared", "gloo", "shm",
-                                      id=f"pp{stages}-tp{tp}-bf16-depth2-declared-shm"))
-        cases.append(pytest.param(stages, tp, "bf16", 2, "fused", "gloo", "auto",
-                                  id=f"pp{stages}-tp{tp}-bf16-depth2-fused-auto"))
+            cases.append(
+                pytest.param(
+                    stages,
+                    tp,
+                    "bf16",
+                    2,
+                    "declared",
+                    "gloo",
+                    "shm",
+                    id=f"pp{stages}-tp{tp}-bf16-depth2-declared-shm",
+                )
+            )
+        cases.append(
+            pytest.param(
+                stages,
+                tp,
+                "bf16",
+                2,
+                "fused",
+                "gloo",
+                "auto",
+                id=f"pp{stages}-tp{tp}-bf16-depth2-fused-auto",
+            )
+        )
     return cases
 
 
 @pytest.mark.parametrize("stages,tp,dtype,depth,transport,backend,link", _cases())
-def test_pipeline_logits_bit_equal_to_one_process(stages: int, tp: int, dtype: str,
-                                                  depth: int, transport: str,
-                                                  backend: str, link: str) -> None:
+def test_pipeline_logits_bit_equal_to_one_process(
+    stages: int, tp: int, dtype: str, depth: int, transport: str, backend: str, link: str
+) -> None:
     """Micro-batches of varying token counts through the staged model, several in flight:
     every last-stage rank's logits equal the one-process run byte for byte, in order. The
     "fused" path receives with PendingRecv.wait_add_rmsnorm against a one-process run of the
@@ -367,10 +452,32 @@ def test_pipeline_logits_bit_equal_to_one_process(stages: int, tp: int, dtype: s
 
 def test_torchrun_pipeline_matches_one_process() -> None:
     """bench/pipeline.py under torchrun (2 ranks, env:// rendezvous, gloo): MATCH, exit 0."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "bench" / "pipeline.py"), "--microbatches", "6", "--tokens", "16",
-           "--hidden", "64", "--layers", "2", "--vocab", "96", "--depth", "2",
-           "--transport", "pipepack_static", "--repeats", "1", "--warmup", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "bench" / "pipeline.py"),
+        "--microbatches",
+        "6",
+        "--tokens",
+        "16",
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--vocab",
+        "96",
+        "--depth",
+        "2",
+        "--transport",
+        "pipepack_static",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     out = r.stdout + r.stderr

@@ -207,11 +207,19 @@ def _storage_dicts() -> list[dict[str, Any]]:
         # inline in the header
         {"a": torch.randn(4, 4, generator=g), "b": torch.arange(3), "c": torch.tensor(1.5)},
         # one payload message
-        {"h": torch.randn(64, 128, generator=g), "i": torch.arange(100, dtype=torch.int32),
-         "m": torch.ones(7, dtype=torch.bool), "e": torch.zeros(0), "s": "x"},
+        {
+            "h": torch.randn(64, 128, generator=g),
+            "i": torch.arange(100, dtype=torch.int32),
+            "m": torch.ones(7, dtype=torch.bool),
+            "e": torch.zeros(0),
+            "s": "x",
+        },
         # a payload above the chunk size: several messages into one buffer
-        {"big": torch.randn(1200, 1024, generator=g), "small": torch.arange(5),
-         "bf": torch.randn(3, 3, generator=g).to(torch.bfloat16)},
+        {
+            "big": torch.randn(1200, 1024, generator=g),
+            "small": torch.arange(5),
+            "bf": torch.randn(3, 3, generator=g).to(torch.bfloat16),
+        },
     ]
 
 
@@ -249,19 +257,25 @@ def _ring_body(rank: int, world: int) -> None:
     prev = (rank - 1) % world
     for hop in range(6):
         t = hop + 1
-        isend_tensor_dict({
-            "src": rank,
-            "hop": hop,
-            "x": torch.full((t, 8), float(rank * 100 + hop)),
-            "ids": torch.arange(t) + rank,
-        })
+        isend_tensor_dict(
+            {
+                "src": rank,
+                "hop": hop,
+                "x": torch.full((t, 8), float(rank * 100 + hop)),
+                "ids": torch.arange(t) + rank,
+            }
+        )
         got = recv_tensor_dict()
-        check_dict(got, {
-            "src": prev,
-            "hop": hop,
-            "x": torch.full((t, 8), float(prev * 100 + hop)),
-            "ids": torch.arange(t) + prev,
-        }, contiguous=True)
+        check_dict(
+            got,
+            {
+                "src": prev,
+                "hop": hop,
+                "x": torch.full((t, 8), float(prev * 100 + hop)),
+                "ids": torch.arange(t) + prev,
+            },
+            contiguous=True,
+        )
     # a pipeline: stage 0 injects micro-batches, stages 1 and 2 each add (rank + 1) and forward,
     # and the ring brings them back to stage 0
     n_mb = 4
@@ -272,8 +286,9 @@ def _ring_body(rank: int, world: int) -> None:
             isend_tensor_dict({"mb": mb, "h": torch.full((mb + 2, 16), float(mb))})
         for mb in range(n_mb):
             got = recv_tensor_dict()
-            check_dict(got, {"mb": mb, "h": torch.full((mb + 2, 16), float(mb + 2 + 3))},
-                       contiguous=True)
+            check_dict(
+                got, {"mb": mb, "h": torch.full((mb + 2, 16), float(mb + 2 + 3))}, contiguous=True
+            )
     else:
         for _ in range(n_mb):
             got = recv_tensor_dict()
@@ -503,12 +518,14 @@ def _pp_tp_body(rank: int, world: int) -> None:
     assert dist.get_rank(tp) == tp_rank
     if stage == 0:
         for d, agt, _ in _tp_hops(tp_rank, sender=True):
-            send_tensor_dict(d, rank + W_TP, group=dist.group.WORLD, all_gather_group=tp,
-                             all_gather_tensors=agt)
+            send_tensor_dict(
+                d, rank + W_TP, group=dist.group.WORLD, all_gather_group=tp, all_gather_tensors=agt
+            )
         return
     for want, _, expect_post in _tp_hops(tp_rank, sender=False):
-        got, handles, post = irecv_tensor_dict(rank - W_TP, group=dist.group.WORLD,
-                                               all_gather_group=tp)
+        got, handles, post = irecv_tensor_dict(
+            rank - W_TP, group=dist.group.WORLD, all_gather_group=tp
+        )
         for h in handles:
             h.wait()
         assert bool(post) == expect_post, f"step {want['step']}: postprocess {post}"
@@ -557,13 +574,18 @@ def _good(i: int) -> dict[str, Any]:
 def _bad_input_body(rank: int, world: int) -> None:
     if rank == 0:
         bad_cases: list[tuple[dict[Any, Any], type[Exception], str]] = [
-            ({"x": torch.arange(4), "bad": object(), "big": torch.zeros(40, 200)},
-             TypeError, r"'bad'"),
-            ({"x": torch.arange(4), "bad": _Point(1, "a"), "big": torch.zeros(40, 200)},
-             TypeError, r"'bad'"),
+            (
+                {"x": torch.arange(4), "bad": object(), "big": torch.zeros(40, 200)},
+                TypeError,
+                r"'bad'",
+            ),
+            (
+                {"x": torch.arange(4), "bad": _Point(1, "a"), "big": torch.zeros(40, 200)},
+                TypeError,
+                r"'bad'",
+            ),
             ({"x": torch.arange(4), "bad": [1, (2, {"k": object()})]}, TypeError, r"'bad'"),
-            ({"x": torch.arange(4), "nested": [torch.ones(2), object()]}, TypeError,
-             r"'nested'"),
+            ({"x": torch.arange(4), "nested": [torch.ones(2), object()]}, TypeError, r"'nested'"),
             ({"x": torch.arange(4), "enum": _Color.RED}, TypeError, r"'enum'"),
             ({"x": torch.arange(4), 3: "non-str key"}, TypeError, r"str"),
         ]
@@ -587,8 +609,15 @@ def test_unencodable_value_fails_on_sender_before_sending() -> None:
 def _pickle_body(rank: int, world: int, tmp: str) -> None:
     evil_marker = os.path.join(tmp, "evil_ran")
     if rank == 0:
-        send_tensor_dict({"x": torch.arange(3), "obj": _Point(3, "p"), "enum": _Color.RED,
-                          "od": collections.OrderedDict(a=1)}, allow_pickle=True)
+        send_tensor_dict(
+            {
+                "x": torch.arange(3),
+                "obj": _Point(3, "p"),
+                "enum": _Color.RED,
+                "od": collections.OrderedDict(a=1),
+            },
+            allow_pickle=True,
+        )
         # a pickled value to a receiver that did not opt in (a fresh channel pair, so both ends'
         # channel state starts in step; no tensors, so nothing follows the refused header)
         TensorDictChannel(1, allow_pickle=True).isend({"obj": _Evil(evil_marker)})
@@ -662,11 +691,14 @@ def _declared_mismatch_body(rank: int, world: int, variant: str) -> None:
         ch.irecv(num_tokens=6).wait()
 
 
-@pytest.mark.parametrize("variant", [
-    "dtype",
-    "constant",
-    "static_dims",
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "dtype",
+        "constant",
+        "static_dims",
+    ],
+)
 def test_declared_schema_mismatch_raises_on_receive(variant: str) -> None:
     """Peers that declared different schemas: the receiver's wait() raises, naming it."""
     run_ranks(2, _declared_mismatch_body, variant, timeout_s=TIMEOUT_S)
@@ -842,9 +874,13 @@ def test_no_process_group_raises() -> None:
     """Without an initialised process group every call raises: a dropped hop is data loss."""
     assert not dist.is_initialized()
     d = {"x": torch.arange(3)}
-    for call in (lambda: send_tensor_dict(d), lambda: isend_tensor_dict(d),
-                 lambda: recv_tensor_dict(), lambda: irecv_tensor_dict(),
-                 lambda: TensorDictChannel(1)):
+    for call in (
+        lambda: send_tensor_dict(d),
+        lambda: isend_tensor_dict(d),
+        lambda: recv_tensor_dict(),
+        lambda: irecv_tensor_dict(),
+        lambda: TensorDictChannel(1),
+    ):
         with pytest.raises(RuntimeError, match="not initialised"):
             call()
 
@@ -856,8 +892,7 @@ def test_no_process_group_raises() -> None:
 
 def _wait_into_body(rank: int, world: int, declared: bool) -> None:
     example = {"h": torch.zeros(4, 8, dtype=torch.bfloat16), "r": torch.zeros(4, 8), "m": "x"}
-    ch = TensorDictChannel(1 - rank,
-                           declared=Declared.from_example(example) if declared else None)
+    ch = TensorDictChannel(1 - rank, declared=Declared.from_example(example) if declared else None)
     h = torch.arange(24.0).reshape(3, 8).to(torch.bfloat16)
     r = torch.randn(3, 8)
     if rank == 0:

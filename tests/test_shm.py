@@ -105,7 +105,7 @@ def test_bytes_exact_with_canaries_around_every_slot() -> None:
     rx = shm.RecvRing(slots=slots, slot_bytes=slot_bytes, meta_bytes=meta_bytes, timeout=10)
     seg, geo = rx._seg, rx._geo
     # canaries over every meta and data area before anything is written
-    seg.mm[geo.meta_off:geo.total] = bytes([CANARY]) * (geo.total - geo.meta_off)
+    seg.mm[geo.meta_off : geo.total] = bytes([CANARY]) * (geo.total - geo.meta_off)
     sizes = [1, 63, 4097, slot_bytes]  # one hop per slot, all held
 
     def child(conn, name) -> None:
@@ -375,8 +375,11 @@ def test_receiver_killed_raises_in_the_sender_and_leaves_nothing() -> None:
     _send(tx, 2, 2 << 20)  # grown segment the receiver will never map
     os.kill(p.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(shm.PeerGone, match=rf"reserving 10 bytes for hop seq 3: receiver pid "
-                                           rf"{p.pid} is gone"):
+    with pytest.raises(
+        shm.PeerGone,
+        match=rf"reserving 10 bytes for hop seq 3: receiver pid "
+        rf"{p.pid} is gone",
+    ):
         tx.reserve(10)
     assert time.monotonic() - t0 < 5
     tx.close()
@@ -417,8 +420,13 @@ def test_second_sender_and_bad_names_refused() -> None:
 
 
 def test_bad_arguments() -> None:
-    for kw in ({"slots": 0}, {"slots": 5000}, {"slot_bytes": 0}, {"meta_bytes": -1},
-               {"slots": 2.0}):
+    for kw in (
+        {"slots": 0},
+        {"slots": 5000},
+        {"slot_bytes": 0},
+        {"meta_bytes": -1},
+        {"slots": 2.0},
+    ):
         with pytest.raises(ValueError):
             shm.RecvRing(**kw)
     rx = shm.RecvRing(slots=1, slot_bytes=4096, meta_bytes=16)
@@ -492,21 +500,23 @@ def _corrupt_magic(rx, seg, slot):
     seg.ctl[shm.H_TAIL] = 0  # forces the slow path, where the header is checked
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (_corrupt_tail_ahead, "tail"),
-    (_corrupt_queue, "queue entry names slot"),
-    (_corrupt_pub, "carries seq 99"),
-    (_corrupt_nbytes_inline, "payload length"),
-    (_corrupt_nbytes_huge, "payload length"),
-    (_corrupt_meta_len, "meta length"),
-    (_corrupt_ext_name, "not a pipepack name"),
-    (_corrupt_ext_too_big, "limit"),
-    (_corrupt_ext_missing, "does not exist"),
-    (_corrupt_magic, "header overwritten"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_corrupt_tail_ahead, "tail"),
+        (_corrupt_queue, "queue entry names slot"),
+        (_corrupt_pub, "carries seq 99"),
+        (_corrupt_nbytes_inline, "payload length"),
+        (_corrupt_nbytes_huge, "payload length"),
+        (_corrupt_meta_len, "meta length"),
+        (_corrupt_ext_name, "not a pipepack name"),
+        (_corrupt_ext_too_big, "limit"),
+        (_corrupt_ext_missing, "does not exist"),
+        (_corrupt_magic, "header overwritten"),
+    ],
+)
 def test_corrupt_control_block_refused(corrupt, message) -> None:
-    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=32, timeout=0.3,
-                      max_hop_bytes=1 << 20)
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=32, timeout=0.3, max_hop_bytes=1 << 20)
     tx = shm.SendRing(rx.name)
     _send(tx, 1, 100)
     slot = rx._seg.queue[0]
@@ -532,13 +542,16 @@ def test_queue_entry_naming_a_held_slot_refused() -> None:
     rx.close()
 
 
-@pytest.mark.parametrize("word, value, message", [
-    ("H_SLOTS", 0, "geometry out of range"),
-    ("H_SLOT_BYTES", 4095, "geometry out of range"),
-    ("H_SLOTS", 3, "does not match"),
-    ("H_DATA_OFF", 1 << 40, "does not match"),
-    ("H_MAGIC", 1, "not a pipepack ring"),
-])
+@pytest.mark.parametrize(
+    "word, value, message",
+    [
+        ("H_SLOTS", 0, "geometry out of range"),
+        ("H_SLOT_BYTES", 4095, "geometry out of range"),
+        ("H_SLOTS", 3, "does not match"),
+        ("H_DATA_OFF", 1 << 40, "does not match"),
+        ("H_MAGIC", 1, "not a pipepack ring"),
+    ],
+)
 def test_sender_refuses_corrupt_geometry(word, value, message) -> None:
     rx = shm.RecvRing(slots=2, slot_bytes=4096)
     rx._seg.ctl[getattr(shm, word)] = value

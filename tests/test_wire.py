@@ -1163,7 +1163,10 @@ def _ref_value(b: bytes, pos: int, budget: _RefBudget, depth: int = 1) -> tuple[
                 return None, -1
             raw = b[pos : pos + n]
             if tag == 5:
-                return int.from_bytes(raw, "little", signed=True), pos + n
+                v = int.from_bytes(raw, "little", signed=True)
+                if -(1 << 63) <= v < (1 << 63) or n != (v.bit_length() + 8) // 8:
+                    return None, -1  # one encoding per value: int64 when it fits, minimal
+                return v, pos + n
             if tag == 8:
                 return raw, pos + n
             try:
@@ -1210,7 +1213,7 @@ def _ref_value(b: bytes, pos: int, budget: _RefBudget, depth: int = 1) -> tuple[
 
 
 def _is_canonical(v: Any) -> bool:
-    """Values the encoder writes back in the same bytes (a big int within int64 is not)."""
+    """Values the encoder writes back in the same bytes."""
     if type(v) is int:
         return True
     if type(v) in (list, tuple):

@@ -2,7 +2,8 @@
 
 One tag byte, then::
 
-    1 None | 2 False | 3 True | 4 int64 (8 bytes) | 5 big int: u32 n, n bytes signed LE
+    1 None | 2 False | 3 True | 4 int64 (8 bytes) | 5 big int (only outside int64, in the
+    fewest bytes): u32 n, n bytes signed LE
     6 float64 (8 bytes, exact bits) | 7 str: u32 n, utf-8 (surrogatepass) | 8 bytes: u32 n, n
     9 list: u32 count, items | 10 tuple: u32 count, items | 11 dict: u32 count, key, value...
     12 torch.dtype: u8 code | 13 torch.Size: u32 count, int64 each | 14 pickle: u32 n, n bytes
@@ -235,7 +236,13 @@ class _Dec:
             if tag == T_BYTES:
                 return buf[pos:end], end
             if tag == T_BIGINT:
-                return int.from_bytes(buf[pos:end], "little", signed=True), end
+                v = int.from_bytes(buf[pos:end], "little", signed=True)
+                if _I64_MIN <= v <= _I64_MAX or n != (v.bit_length() + 8) // 8:
+                    raise WireError(
+                        f"value: big int at offset {pos - 5} is not in its one "
+                        "encoding (outside int64, minimal length)"
+                    )
+                return v, end
             if not self.allow_pickle:
                 raise WireError("the peer sent a pickled value but allow_pickle is False here")
             try:
