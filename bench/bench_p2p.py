@@ -598,7 +598,7 @@ def meta_record(args) -> dict:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "intra_op_threads": 1 if args.one_thread else torch.get_num_threads(),
+        "intra_op_threads": 1 if getattr(args, "one_thread", False) else torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
     if args.backend == "nccl" and torch.cuda.is_available():
