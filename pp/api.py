@@ -8,6 +8,7 @@ short-circuit as the engines do.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from . import codec
 from .channel import resolve_groups, tp_of
-from .link import DEFAULT_CHUNK_BYTES, RecvOptions, get_link, reset_links
+from .link import DEFAULT_CHUNK_BYTES, Link, RecvOptions, get_link, reset_links
 from .transport import Handle
 from .wire.limits import DEFAULT_LIMITS
 
@@ -40,8 +41,36 @@ def _peer(group: dist.ProcessGroup, rank: int | None, step: int, what: str) -> i
     return rank
 
 
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _link_for(
+    group: dist.ProcessGroup | None,
+    cpu_group: dist.ProcessGroup | None,
+    rank: int | None,
+    step: int,
+    what: str,
+) -> Link | None:
+    """The link a call talks on (None in a group of one rank), kept per (group, cpu group,
+    rank): torch's group lookups cost a few µs each, and every hop asks."""
+    g = dist.group.WORLD if group is None and dist.is_initialized() else group
+    per = _FAST.get(g) if g is not None else None
+    key = (cpu_group, rank, step)
+    if per is not None:
+        hit = per.get(key)
+        if hit is not None:
+            return hit[0]
+    g, cg = resolve_groups(g, cpu_group)
+    link = None
+    if dist.get_world_size(g) > 1:
+        link = get_link(g, cg, _peer(g, rank, step, what))
+    _FAST.setdefault(g, {})[key] = (link,)
+    return link
+
+
 def reset_channels() -> None:
     """Forgets every link (call after re-creating process groups)."""
+    _FAST.clear()
     reset_links()
 
 
@@ -84,11 +113,9 @@ def _send(
     all_gather_tensors: Mapping[str, bool] | None = None,
     allow_pickle: bool = False,
 ) -> Any:
-    group, cpu_group = resolve_groups(group, cpu_group)
-    if dist.get_world_size(group) == 1:
+    link = _link_for(group, cpu_group, dst, 1, "dst")
+    if link is None:
         return tensor_dict if blocking else []
-    dst = _peer(group, dst, 1, "dst")
-    link = get_link(group, cpu_group, dst)
     enc = codec.encode(
         tensor_dict,
         allow_pickle=allow_pickle,
@@ -120,11 +147,9 @@ def irecv_tensor_dict(
     call compatibility and not needed here.
     """
     del all_gather_tensors  # the per-key decision travels in the hop
-    group, cpu_group = resolve_groups(group, cpu_group)
-    if dist.get_world_size(group) == 1:
+    link = _link_for(group, cpu_group, src, -1, "src")
+    if link is None:
         return None, [], []
-    src = _peer(group, src, -1, "src")
-    link = get_link(group, cpu_group, src)
     opts = RecvOptions(
         allow_pickle=allow_pickle,
         limits=DEFAULT_LIMITS,

@@ -11,6 +11,7 @@ a :class:`Declared` schema is checked on both ends, never assumed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,14 +170,23 @@ def resolve_groups(
     return group, cpu_group
 
 
+_TP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tp_of(all_gather_group: dist.ProcessGroup | None) -> codec.TP | None:
+    """This rank's view of an all-gather group (kept per group: asked on every call)."""
     if all_gather_group is None:
         return None
+    hit = _TP.get(all_gather_group)
+    if hit is not None:
+        return hit[0]
     w = dist.get_world_size(all_gather_group)
-    if w <= 1:
-        return None
-    dev = "cpu" if transport.is_gloo(all_gather_group) else "cuda"
-    return codec.TP(all_gather_group, w, dist.get_rank(all_gather_group), dev)
+    tp = None
+    if w > 1:
+        dev = "cpu" if transport.is_gloo(all_gather_group) else "cuda"
+        tp = codec.TP(all_gather_group, w, dist.get_rank(all_gather_group), dev)
+    _TP[all_gather_group] = (tp,)
+    return tp
 
 
 class PendingRecv:
