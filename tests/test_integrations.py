@@ -39,93 +39,10 @@ ENGINE = baselines
 # ---------------------------------------------------------------------------------------------
 
 
-class _Coordinator:
-    def __init__(self, ranks: list[int], device_group, cpu_group, rank: int | None = None):
-        self.ranks = list(ranks)
-        self.world_size = len(ranks)
-        self.rank_in_group = self.ranks.index(dist.get_rank() if rank is None else rank)
-        self.device_group = device_group
-        self.cpu_group = cpu_group
-
-    def _peer(self, index: int | None, step: int) -> int:
-        """A coordinator index (default next/previous) as a rank of the device group."""
-        if index is None:
-            index = (self.rank_in_group + step) % self.world_size
-        return dist.get_group_rank(self.device_group, self.ranks[index])
-
-
-def _pg(ag: Any):
-    return None if ag is None or ag.world_size == 1 else ag.device_group
-
-
-class _SglangGroup(_Coordinator):
-    def send_tensor_dict(self, tensor_dict, dst=None, all_gather_group=None, async_send=False):
-        if self.world_size == 1:
-            return tensor_dict
-        return ENGINE.send(
-            tensor_dict,
-            self._peer(dst, 1),
-            self.device_group,
-            self.cpu_group,
-            all_gather_group=_pg(all_gather_group),
-            async_send=async_send,
-        )
-
-    def recv_tensor_dict(self, src=None, all_gather_group=None):
-        if self.world_size == 1:
-            return None
-        return ENGINE.recv(
-            self._peer(src, -1),
-            self.device_group,
-            self.cpu_group,
-            all_gather_group=_pg(all_gather_group),
-        )
-
-
-class _VllmGroup(_Coordinator):
-    def isend_tensor_dict(
-        self, tensor_dict, dst=None, all_gather_group=None, all_gather_tensors=None
-    ):
-        if self.world_size == 1:
-            return []
-        return ENGINE.vllm_isend(
-            tensor_dict,
-            self._peer(dst, 1),
-            self.device_group,
-            self.cpu_group,
-            all_gather_group=_pg(all_gather_group),
-            all_gather_tensors=all_gather_tensors,
-        )
-
-    def send_tensor_dict(
-        self, tensor_dict, dst=None, all_gather_group=None, all_gather_tensors=None
-    ):
-        if self.world_size == 1:
-            return tensor_dict
-        for h in self.isend_tensor_dict(tensor_dict, dst, all_gather_group, all_gather_tensors):
-            h.wait()
-        return None
-
-    def irecv_tensor_dict(self, src=None, all_gather_group=None, all_gather_tensors=None):
-        if self.world_size == 1:
-            return None, [], []
-        return ENGINE.vllm_irecv(
-            self._peer(src, -1),
-            self.device_group,
-            self.cpu_group,
-            all_gather_group=_pg(all_gather_group),
-            all_gather_tensors=all_gather_tensors,
-        )
-
-    def recv_tensor_dict(self, src=None, all_gather_group=None, all_gather_tensors=None):
-        if self.world_size == 1:
-            return None
-        d, handles, post = self.irecv_tensor_dict(src, all_gather_group, all_gather_tensors)
-        for h in handles:
-            h.wait()
-        for fn in post:
-            fn()
-        return d
+# the engine-shaped stand-ins, with the engines' own per-tensor transport
+_Coordinator = baselines.Coordinator
+_SglangGroup = baselines.SglangCoordinator
+_VllmGroup = baselines.VllmCoordinator
 
 
 def _groups(rank: int, pp: int, tp: int, cls: type) -> tuple[Any, _Coordinator]:
@@ -140,7 +57,7 @@ def _groups(rank: int, pp: int, tp: int, cls: type) -> tuple[Any, _Coordinator]:
         for ranks in lists:
             dev, cpu = dist.new_group(ranks), dist.new_group(ranks)
             if rank in ranks:
-                mine[name] = kind(ranks, dev, cpu)
+                mine[name] = kind(dev, cpu, ranks=ranks)
     return mine["pp"], mine["tp"]
 
 
@@ -485,7 +402,7 @@ def test_vllm_pp_hops_deliver_what_the_engine_would(layout: str, transport: str,
 
 
 def _lone(cls: type) -> _Coordinator:
-    return cls([0], None, None, rank=0)
+    return cls(None, None, ranks=[0], rank=0)
 
 
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
@@ -590,7 +507,7 @@ def _good(i: int) -> dict[str, Any]:
 
 def _bad_args_body(rank: int, world: int) -> None:
     sg, tp = _groups(rank, 2, 1, _SglangGroup)
-    vl = _VllmGroup(sg.ranks, sg.device_group, sg.cpu_group)
+    vl = _VllmGroup(sg.device_group, sg.cpu_group, ranks=sg.ranks)
     pp_sglang.install(sg)
     pp_vllm.install(vl)
     x = torch.arange(6)

@@ -278,28 +278,43 @@ def vllm_recv(
 # ----------------------------------------------------------------------------- coordinators
 
 
-class _Coordinator:
-    """GroupCoordinator-shaped: ``ranks``, ``world_size``, ``rank_in_group`` and the groups."""
+class Coordinator:
+    """GroupCoordinator-shaped: ``ranks``, ``world_size``, ``rank_in_group`` and the groups.
 
-    def __init__(self, device_group, cpu_group=None) -> None:
+    ``ranks`` (global ranks, in the group's order) default to the device group's; with
+    ``ranks`` given, the groups may be None (a group of one rank with no process group).
+    ``dst``/``src`` are indexes into ``ranks``, mapped to ranks of the device group.
+    """
+
+    def __init__(self, device_group, cpu_group=None, *, ranks=None, rank=None) -> None:
         self.device_group = device_group
         self.cpu_group = device_group if cpu_group is None else cpu_group
-        self.world_size = dist.get_world_size(device_group)
-        self.rank_in_group = dist.get_rank(device_group)
-        self.ranks = [dist.get_global_rank(device_group, i) for i in range(self.world_size)]
+        if ranks is None:
+            ranks = [
+                dist.get_global_rank(device_group, i)
+                for i in range(dist.get_world_size(device_group))
+            ]
+        self.ranks = list(ranks)
+        self.world_size = len(self.ranks)
+        self.rank_in_group = self.ranks.index(dist.get_rank() if rank is None else rank)
+
+    def _peer(self, index: int | None, step: int) -> int:
+        if index is None:
+            index = (self.rank_in_group + step) % self.world_size
+        return dist.get_group_rank(self.device_group, self.ranks[index])
 
     def _dst(self, dst: int | None) -> int:
-        return (self.rank_in_group + 1) % self.world_size if dst is None else dst
+        return self._peer(dst, 1)
 
     def _src(self, src: int | None) -> int:
-        return (self.rank_in_group - 1) % self.world_size if src is None else src
+        return self._peer(src, -1)
 
 
 def _pg(ag: Any):
     return None if ag is None or ag.world_size == 1 else ag.device_group
 
 
-class SglangCoordinator(_Coordinator):
+class SglangCoordinator(Coordinator):
     def send_tensor_dict(self, tensor_dict, dst=None, all_gather_group=None, async_send=False):
         if self.world_size == 1:
             return tensor_dict
@@ -323,7 +338,7 @@ class SglangCoordinator(_Coordinator):
         )
 
 
-class VllmCoordinator(_Coordinator):
+class VllmCoordinator(Coordinator):
     def isend_tensor_dict(
         self, tensor_dict, dst=None, all_gather_group=None, all_gather_tensors=None
     ):
@@ -390,7 +405,7 @@ def pair(mode: str, *, group, cpu_group=None, tp_group=None):
     engine, _, via = mode.partition("_")
     cls = SglangCoordinator if engine == "sglang" else VllmCoordinator
     coord = cls(group, cpu_group)
-    tp = None if tp_group is None else _Coordinator(tp_group)
+    tp = None if tp_group is None else Coordinator(tp_group)
     adapter = None
     if via == "pipepack":
         if engine == "sglang":
