@@ -103,8 +103,9 @@ import time
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from .transport import copy_bytes
 
 __all__ = [
     "host_identity",
@@ -643,18 +644,6 @@ def _deadline(timeout: float | None) -> float | None:
     if timeout < 0 or math.isnan(timeout):
         raise ValueError(f"timeout must be >= 0, got {timeout!r}")
     return time.monotonic() + timeout
-
-
-def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copies ``src``'s bytes into the uint8 tensor ``dst`` on this thread alone (numpy copyto);
-    both contiguous CPU tensors of the same byte size."""
-    if not (dst.is_contiguous() and src.is_contiguous()):
-        raise ValueError("copy_bytes needs contiguous tensors")
-    s = src.reshape(-1).view(torch.uint8)
-    if s.numel() != dst.numel():
-        raise ValueError(f"copy_bytes: {s.numel()} source bytes into {dst.numel()} destination")
-    if s.numel():
-        np.copyto(dst.numpy(), s.numpy())
 
 
 # ------------------------------------------------------------------------------------------------
