@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 TOKENS = (1, 7, 16, 33, 64, 5, 128, 2, 96)  # one per hop, cycled: shapes change every step
 HIDDEN = 256
@@ -256,31 +255,10 @@ def varying_rank(
         )
 
 
-def _entry(rank: int, world: int, init_file: str, fn: Any, args: tuple, timeout_s: float) -> None:
-    torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1) for several local ranks
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def _launch(fn: Any, args: tuple, timeout_s: float) -> None:
-    import torch.multiprocessing as mp
+    from pipepack.testing import run_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _entry,
-            args=(2, os.path.join(tmp, "init"), fn, args, timeout_s),
-            nprocs=2,
-            start_method="fork",
-        )
+    run_ranks(2, fn, *args, timeout_s=timeout_s)
 
 
 def run(
