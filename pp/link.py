@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import hashlib
 import os
 import socket
@@ -404,8 +405,10 @@ class Link:
                     keep.append(cpu_buf)
             flags = enc.flags
         keep.append(head)
-        dev_buf, dev_keep, dev_type, dev_n = self._post_device_payload(enc, None)
-        keep += dev_keep
+        dev_buf, dev_type = self._pack_device_payload(enc)
+        dev_n = 0 if dev_buf is None else dev_buf.numel()
+        if dev_buf is not None:
+            keep.append(dev_buf)
         frame = hop.Frame(
             flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type, enc.tp_world, dev_n
         )
@@ -418,9 +421,8 @@ class Link:
                 ) from self._send_broken
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
-            hn[:FRAME_BYTES] = np.frombuffer(
-                hop.encode_frame(hop.Frame(flags, seq, *_frame_tail(frame))), np.uint8
-            )
+            frame = dataclasses.replace(frame, seq=seq)
+            hn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
             works: list[Any] = []
             try:
                 cg = self.cpu_group
@@ -511,7 +513,9 @@ class Link:
         timeout: float | None,
     ) -> Handle:
         """One hop as one slot of the peer's ring, packed straight into it."""
-        dev_buf, keep, dev_type, dev_n = self._post_device_payload(enc, None)
+        dev_buf, dev_type = self._pack_device_payload(enc)
+        dev_n = 0 if dev_buf is None else dev_buf.numel()
+        keep = [] if dev_buf is None else [dev_buf]
         with self._send_lock:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
@@ -544,7 +548,9 @@ class Link:
             self._send_ring.publish(r)
             works = []
             if dev_n:
-                works = self._post_device_payload(enc, dev_buf, post=True, what=what)
+                works = [
+                    transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
+                ]
             self._send_seq += 1
         handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
         if works:
@@ -552,27 +558,22 @@ class Link:
             REAPER.add(handle)
         return handle
 
-    def _post_device_payload(
-        self, enc: codec.Encoded, packed: Any, *, post: bool = False, what: str = ""
-    ) -> Any:
-        """Packs the accelerator payload (``post=False``) or posts it on the device group."""
-        if post:
-            buf = packed
-            return [transport.isend(buf, self.peer_global, self.group, 0, what, self._gpeer)]
+    def _pack_device_payload(self, enc: codec.Encoded) -> tuple[torch.Tensor | None, str | None]:
+        """The accelerator payload packed into one device buffer (and its device type)."""
         for d, p in enc.parts.items():
             if d in ("cpu", "meta"):
                 continue
-            src = enc.sources[d]
-            buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8, device=src[0].device)
-            if buf.numel():
-                pack(src, out=buf, layout=p.wire_layout)
             if self.cpu_is_device_group:
                 raise ValueError(
                     f"{d} tensors need a device group (NCCL) beside the gloo "
                     "cpu_group; this channel has only a gloo group"
                 )
-            return buf, [buf], d, buf.numel()
-        return None, [], None, 0
+            src = enc.sources[d]
+            buf = torch.empty(p.wire_layout.nbytes, dtype=torch.uint8, device=src[0].device)
+            if buf.numel():
+                pack(src, out=buf, layout=p.wire_layout)
+            return buf, d
+        return None, None
 
     def _on_sent(self, h: Handle, pooled: list | None = None) -> None:
         if h.error is not None and self._send_failed is None:
@@ -865,18 +866,6 @@ def _chunks_from_sources(srcs: list, layout: Any, chunk: int) -> list[torch.Tens
             j += 1
         msgs.append(stage)
     return msgs
-
-
-def _frame_tail(f: hop.Frame) -> tuple:
-    return (
-        f.head_len,
-        f.body_len,
-        f.cpu_nbytes,
-        f.chunk_bytes,
-        f.dev_type,
-        f.tp_world,
-        f.dev_nbytes,
-    )
 
 
 def _has_device(device_type: str) -> bool:
