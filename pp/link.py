@@ -612,10 +612,13 @@ class Link:
         return inc
 
     def _post_head(self, inc: _Incoming) -> None:
-        inc.buf = self.head_pool.get(self.head_bytes)
+        # a view, not the pooled tensor itself: it counts as a reader of the buffer until the
+        # head is read, so the pool cannot hand the buffer out again between the receive's
+        # completion and the read (the pool sees tensors and views, not Python references)
+        inc.buf = self.head_pool.get(self.head_bytes)[: self.head_bytes]
         what = f"head of receive #{inc.seq} from {self.name}"
         work = transport.irecv(
-            inc.buf[: self.head_bytes],
+            inc.buf,
             self.peer_global,
             self.cpu_group,
             HEAD_TAG,
