@@ -20,6 +20,7 @@ them static (the usual rule for graph inputs). A table a graph captured is never
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
 
@@ -205,6 +206,48 @@ def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
         return
     np.copyto(d, s, casting="no")
+
+
+# A byte copy by address. ctypes' own memmove releases the GIL around every call: right for a
+# large copy, but for a small one the release and re-acquire cost more than the copy and can
+# hand the interpreter to another thread mid-hop; the PYFUNCTYPE twin keeps the GIL.
+_MEMMOVE_NOGIL = ctypes.memmove
+_MEMMOVE_GIL = ctypes.PYFUNCTYPE(
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)(ctypes.cast(ctypes.memmove, ctypes.c_void_p).value)
+_GIL_COPY_MAX = 1 << 18
+
+
+def memmove_small(dst: int, src, n: int) -> None:
+    """Copies ``n`` bytes to address ``dst`` from an address or a bytes-like object, keeping the
+    GIL when the copy is small (see above)."""
+    (_MEMMOVE_GIL if n <= _GIL_COPY_MAX else _MEMMOVE_NOGIL)(dst, src, n)
+
+
+def pack_cpu_unchecked(tensors: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor) -> None:
+    """:func:`pack` of CPU tensors into a CPU buffer, for callers that made ``layout`` from
+    exactly these tensors' dtypes and shapes and own ``out`` (contiguous uint8, at least
+    ``layout.nbytes``): nothing is checked again. A dense source is one ``memmove`` of its
+    bytes on this thread; strided, conjugate or negative views go through :func:`_cpu_copy`.
+    """
+    base = out.data_ptr()
+    rest = None
+    for i, (t, e) in enumerate(zip(tensors, layout.entries)):
+        n = e.nbytes
+        if not n:
+            continue
+        if t.is_contiguous() and not t.is_conj() and not t.is_neg():
+            (_MEMMOVE_GIL if n <= _GIL_COPY_MAX else _MEMMOVE_NOGIL)(
+                base + e.offset, t.data_ptr(), n
+            )
+        else:
+            if rest is None:
+                rest = []
+            rest.append(i)
+    if rest:
+        views = unpack(out, layout)
+        for i in rest:
+            _cpu_copy(views[i], tensors[i])
 
 
 def _device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -420,6 +463,38 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
             t = typed[dtype] = (base.view(dtype), byte_off // size)
         views.append(t[0].as_strided(shape, strides, t[1] + offset))
     return views
+
+
+def unpack_unchecked(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """:func:`unpack` for callers that sized ``buffer`` from ``layout`` themselves (a receive
+    buffer of exactly the announced bytes): the same views, without the checks."""
+    dtypes, specs = _view_plan(layout)
+    byte_off = buffer.storage_offset()
+    if buffer.numel() != layout.nbytes:
+        buffer = buffer[: layout.nbytes]
+    bases = []
+    for dtype in dtypes:
+        size = dtype.itemsize
+        if byte_off % size:
+            return unpack(buffer, layout)
+        bases.append((buffer.view(dtype), byte_off // size))
+    out = []
+    for i, shape, strides, offset in specs:
+        base, first = bases[i]
+        out.append(base.as_strided(shape, strides, first + offset))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_plan(layout: Layout) -> tuple[tuple, tuple]:
+    """(distinct dtypes, per entry (dtype number, shape, strides, offset in elements))."""
+    dtypes: list[torch.dtype] = []
+    specs = []
+    for dtype, shape, strides, offset in _view_specs(layout):
+        if dtype not in dtypes:
+            dtypes.append(dtype)
+        specs.append((dtypes.index(dtype), shape, strides, offset))
+    return tuple(dtypes), tuple(specs)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from pipepack.kernels import Layout, reassemble, unpack
+from pipepack.kernels import Layout, reassemble
+from pipepack.kernels.ops import unpack_unchecked
 
 from . import transport
 from .wire import hop, values
@@ -110,6 +111,31 @@ def _check_tensor(t: torch.Tensor, key: str, limits: Limits) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What encoding a dict of one signature produced, less its plain values' bytes.
+
+    Kept per signature (keys in order, each tensor's dtype, shape, device and layout, the
+    nested tensors of plain values, and the options): a dict that matches one passed every check
+    the first encoding made, so a repeat hop costs the signature, its plain values and a lookup.
+    """
+
+    limits: Limits
+    tp: TP | None
+    n_keys: int
+    n_tensors: int
+    schema_tail: bytes  # the body after its 8-byte head, up to the plain values
+    flags: int  # without F_PICKLED, which depends on the values
+    tp_world: int
+    parts: dict[str, Part]
+    picks: dict[str, tuple[tuple[int, bool], ...]]  # per device: (tensor number, sliced)
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_LOCK = threading.Lock()
+_PLANS_MAX = 512
+
+
 def encode(
     d: Mapping[str, Any],
     *,
@@ -118,8 +144,74 @@ def encode(
     tp: TP | None,
     all_gather_tensors: Mapping[str, bool] | None,
 ) -> Encoded:
+    """The body and payload parts of one hop; raises on anything the receiver would refuse."""
     if not isinstance(d, Mapping):
         raise TypeError(f"expected a dict of tensors and plain values, got {type(d).__name__}")
+    agt = None if all_gather_tensors is None else tuple(all_gather_tensors.items())
+    sig: list[Any] = [id(limits), id(tp), allow_pickle, agt]
+    top: list[torch.Tensor] = []
+    nested: list[torch.Tensor] = []
+    vals: list[bytes] = []
+    items = 0
+    pickled = False
+    Tensor = torch.Tensor
+    key = None
+    try:
+        for k, v in d.items():
+            if type(k) is not str:
+                raise TypeError  # the full encoding names the key
+            if isinstance(v, Tensor):
+                sig.append((k, v.dtype, v.shape, v.device, v.layout))
+                top.append(v)
+            else:
+                sig.append(k)
+                n0 = len(nested)
+                b, n_items, p = values.encode_value(
+                    v, nested, key=k, allow_pickle=allow_pickle, max_depth=limits.max_depth
+                )
+                for t in nested[n0:]:
+                    sig.append((t.dtype, t.shape, t.device, t.layout))
+                vals.append(b)
+                items += n_items
+                pickled |= p
+        key = tuple(sig)
+        plan = _PLANS.get(key)
+    except Exception:  # noqa: BLE001 - the full encoding below says what is wrong
+        plan = None
+    if plan is None or plan.limits is not limits or plan.tp is not tp:
+        enc, plan = _encode_full(d, allow_pickle, limits, tp, all_gather_tensors)
+        if key is not None:
+            with _PLANS_LOCK:
+                if len(_PLANS) >= _PLANS_MAX:
+                    _PLANS.pop(next(iter(_PLANS)))
+                _PLANS[tuple(sig)] = plan
+        return enc
+    values_b = b"".join(vals)
+    if items > limits.max_items or len(values_b) > limits.max_plain_bytes:
+        return _encode_full(d, allow_pickle, limits, tp, all_gather_tensors)[0]
+    body = hop.body_head(plan.n_keys, plan.n_tensors, len(values_b)) + plan.schema_tail + values_b
+    tensors = top + nested if nested else top
+    sources = {}
+    for dev, picks in plan.picks.items():
+        src = []
+        for i, s in picks:
+            t = tensors[i]
+            if s:
+                t = t.reshape(tp.world, -1)[tp.rank]
+            src.append(t)
+        sources[dev] = src
+    flags = plan.flags | (hop.F_PICKLED if pickled else 0)
+    return Encoded(body, flags, plan.tp_world, plan.parts, sources)
+
+
+def _encode_full(
+    d: Mapping[str, Any],
+    allow_pickle: bool,
+    limits: Limits,
+    tp: TP | None,
+    all_gather_tensors: Mapping[str, bool] | None,
+) -> tuple[Encoded, _Plan]:
+    """Checks everything about ``d`` and encodes it; also returns the plan of its signature."""
     keys_b: list[bytes] = []
     kinds: list[bool] = []
     top: list[torch.Tensor] = []
@@ -209,21 +301,36 @@ def encode(
             )
     body = hop.encode_body(keys_b, kinds, descs, dims, values_b)
     parts = {}
-    sources = {}
+    picks = {}
     for dev, (index, specs, sliced) in by_dev.items():
         p = part_for(dev, tuple(index), tuple(specs), tuple(sliced), world)
         parts[dev] = p
-        if dev == "meta":
-            continue
+        if dev != "meta":
+            picks[dev] = tuple((p.index[j], p.sliced[j]) for j in p.wire_order)
+    sources = {}
+    for dev, pk in picks.items():
         src = []
-        for j in p.wire_order:
-            t = tensors[p.index[j]]
-            if p.sliced[j]:
+        for i, s in pk:
+            t = tensors[i]
+            if s:
                 t = t.reshape(world, -1)[tp.rank]
             src.append(t)
         sources[dev] = src
-    flags = (hop.F_PICKLED if pickled else 0) | (hop.F_SLICED if any_sliced else 0)
-    return Encoded(body, flags, world if any_sliced else 1, parts, sources)
+    flags = hop.F_SLICED if any_sliced else 0
+    tp_world = world if any_sliced else 1
+    enc = Encoded(body, flags | (hop.F_PICKLED if pickled else 0), tp_world, parts, sources)
+    plan = _Plan(
+        limits,
+        tp,
+        len(keys_b),
+        n_tensors,
+        body[hop.BODY_HEAD_BYTES : len(body) - len(values_b)],
+        flags,
+        tp_world,
+        parts,
+        picks,
+    )
+    return enc, plan
 
 
 # ------------------------------------------------------------------------------ receive
@@ -233,18 +340,29 @@ def encode(
 class _Decoded:
     schema: hop.Schema
     parts: dict[str, Part]
+    limits: Limits
+    # per part: the tensor number of each wire entry, in wire order
+    scatter: dict[str, tuple[int, ...]]
+    # the views come out in tensor order from one part (no slicing, one device type)
+    direct: bool
+    top_keys: tuple[str, ...]  # keys of the top-level tensors, in tensor order
+    plain: bool  # some key holds a plain value
 
 
-_SCHEMA_MEMO: dict[tuple[int, Limits, bytes], _Decoded] = {}
+_SCHEMA_MEMO: dict[tuple[int, int, bytes], _Decoded] = {}
 _MEMO_LOCK = threading.Lock()
 
 
 def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
     values_len = int.from_bytes(body[4:8], "little") if len(body) >= 8 else 0
     # keyed by the limits too: a schema accepted under loose limits is checked again
-    key = (tp_world, limits, body[: len(body) - values_len] if values_len <= len(body) else body)
+    key = (
+        tp_world,
+        id(limits),
+        body[: len(body) - values_len] if values_len <= len(body) else body,
+    )
     hit = _SCHEMA_MEMO.get(key)
-    if hit is not None:
+    if hit is not None and hit.limits is limits:
         return hit
     schema = hop.decode_schema(body, limits=limits)
     by_dev: dict[str, tuple[list[int], list, list[bool]]] = {}
@@ -266,7 +384,18 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
                         f"not divide by the sender's all-gather size {tp_world}"
                     )
         parts[dev] = part_for(dev, tuple(index), tuple(specs), tuple(sliced), tp_world)
-    dec = _Decoded(schema, parts)
+    scatter = {dev: tuple(p.index[j] for j in p.wire_order) for dev, p in parts.items()}
+    n = len(schema.tensors)
+    direct = (
+        len(parts) == 1
+        and "meta" not in parts
+        and not any(any(p.sliced) for p in parts.values())
+        and all(sc == tuple(range(n)) for sc in scatter.values())
+    )
+    top_keys = tuple(k for k, t in zip(schema.keys, schema.is_tensor) if t)
+    dec = _Decoded(
+        schema, parts, limits, scatter, direct, top_keys, len(top_keys) != len(schema.keys)
+    )
     with _MEMO_LOCK:
         if len(_SCHEMA_MEMO) >= 256:
             _SCHEMA_MEMO.pop(next(iter(_SCHEMA_MEMO)))
@@ -306,7 +435,10 @@ def decode(
     limits: Limits,
     tp: TP | None,
 ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
-    """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly)."""
+    """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly).
+
+    ``buffers`` hold exactly the payload bytes :func:`header_parts` checked against the frame.
+    """
     schema = dec.schema
     if frame.flags & hop.F_PICKLED and not allow_pickle:
         raise WireError("the peer sent a pickled value but allow_pickle is False here")
@@ -317,60 +449,69 @@ def decode(
                 f"the sender sliced tensors for an all-gather over {frame.tp_world} "
                 f"ranks, but this receiver has {have}"
             )
-    views: list[Any] = [None] * len(schema.tensors)
     post: list[Callable[[], None]] = []
-    for dev, p in dec.parts.items():
-        if dev == "meta":
-            for j, i in enumerate(p.index):
-                e = p.layout.entries[j]
-                views[i] = torch.empty(e.shape, dtype=e.dtype, device="meta")
-            continue
+    if dec.direct:
+        ((dev, p),) = dec.parts.items()
         buf = buffers.get(dev)
-        if buf is None:  # every tensor on this device is empty: no bytes travelled
-            if p.wire_layout.nbytes:
-                raise WireError(f"no {dev} payload for {p.wire_layout.nbytes} bytes of tensors")
-            buf = torch.empty(0, dtype=torch.uint8, device=_empty_device(dev))
-        wire_views = unpack(buf, p.wire_layout)
-        for w, j in enumerate(p.wire_order):
-            views[p.index[j]] = wire_views[w]
-        if any(p.sliced):
-            if tp.device_type != dev:
-                raise WireError(
-                    f"the sender sliced {dev} tensors, this receiver's all-gather "
-                    f"group carries {tp.device_type}"
-                )
-            post.append(_reassembler(views, p, buf, tp))
-    out: dict[str, Any] = {}
-    vb = body
-    pos = schema.values_at
-    items = limits.max_items
-    n_top = sum(schema.is_tensor)
-    next_t = 0
-    ti = 0
-    for k, is_t in zip(schema.keys, schema.is_tensor):
-        if is_t:
-            out[k] = ti
-            ti += 1
-        else:
-            out[k], pos, items, next_t = values.decode_value(
-                vb,
-                pos,
-                items=items,
-                max_depth=limits.max_depth,
-                allow_pickle=allow_pickle,
-                tensor=lambda i: views[n_top + i],
-                first_tensor=next_t,
+        if buf is None:
+            buf = _no_payload(dev, p)
+        views = unpack_unchecked(buf, p.wire_layout)
+    else:
+        views = [None] * len(schema.tensors)
+        for dev, p in dec.parts.items():
+            if dev == "meta":
+                for j, i in enumerate(p.index):
+                    e = p.layout.entries[j]
+                    views[i] = torch.empty(e.shape, dtype=e.dtype, device="meta")
+                continue
+            buf = buffers.get(dev)
+            if buf is None:
+                buf = _no_payload(dev, p)
+            for i, v in zip(dec.scatter[dev], unpack_unchecked(buf, p.wire_layout)):
+                views[i] = v
+            if any(p.sliced):
+                if tp.device_type != dev:
+                    raise WireError(
+                        f"the sender sliced {dev} tensors, this receiver's all-gather "
+                        f"group carries {tp.device_type}"
+                    )
+                post.append(_reassembler(views, p, buf, tp))
+    if not dec.plain:
+        if schema.values_len or len(dec.top_keys) != len(schema.tensors):
+            raise WireError(
+                f"header: {schema.values_len} bytes of values and "
+                f"{len(schema.tensors) - len(dec.top_keys)} nested tensors, but no plain key"
             )
-    if pos != len(vb) or n_top + next_t != len(schema.tensors):
-        raise WireError(
-            f"header: values end at {pos} of {len(vb)} bytes, with {next_t} of "
-            f"{len(schema.tensors) - n_top} nested tensors referenced"
-        )
-    for k, is_t in zip(schema.keys, schema.is_tensor):
-        if is_t:
-            out[k] = views[out[k]]
+        out = dict(zip(dec.top_keys, views))
+    else:
+        out = {}
+        vb = body
+        pos = schema.values_at
+        items = limits.max_items
+        n_top = len(dec.top_keys)
+        next_t = 0
+        ti = 0
+        for k, is_t in zip(schema.keys, schema.is_tensor):
+            if is_t:
+                out[k] = views[ti]
+                ti += 1
+            else:
+                out[k], pos, items, next_t = values.decode_value(
+                    vb,
+                    pos,
+                    items=items,
+                    max_depth=limits.max_depth,
+                    allow_pickle=allow_pickle,
+                    tensor=lambda i: views[n_top + i],
+                    first_tensor=next_t,
+                )
+        if pos != len(vb) or n_top + next_t != len(schema.tensors):
+            raise WireError(
+                f"header: values end at {pos} of {len(vb)} bytes, with {next_t} of "
+                f"{len(schema.tensors) - n_top} nested tensors referenced"
+            )
     if post:
-        top = [k for k, t in zip(schema.keys, schema.is_tensor) if t]
+        top = dec.top_keys
 
         def finish(views=views, out=out, top=top) -> None:
             for i, k in enumerate(top):
@@ -378,6 +519,13 @@ def decode(
 
         post.append(finish)
     return out, post
+
+
+def _no_payload(dev: str, p: Part) -> torch.Tensor:
+    """The buffer of a device type none of whose bytes travelled (every tensor is empty)."""
+    if p.wire_layout.nbytes:
+        raise WireError(f"no {dev} payload for {p.wire_layout.nbytes} bytes of tensors")
+    return torch.empty(0, dtype=torch.uint8, device=_empty_device(dev))
 
 
 def _empty_device(dev: str) -> str:

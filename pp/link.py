@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
+import ctypes
 import hashlib
 import os
 import socket
@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 
 from pipepack.kernels import pack
+from pipepack.kernels.ops import memmove_small as _memmove
+from pipepack.kernels.ops import pack_cpu_unchecked
 
 from . import codec, transport
 from .pool import BufferPool
@@ -332,7 +334,12 @@ class Link:
         """Sends one hop and returns once the transport has taken it (raises if it failed)."""
         # the caller gets control back only once the hop is sent, so large contiguous sources
         # may travel straight from where they lie (no packed copy)
-        self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout, from_sources=True).wait(timeout)
+        h = self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout, from_sources=True, reap=False)
+        try:
+            h.wait(timeout)  # on this thread: a hand-off to the reaper costs two thread wakeups
+        except TimeoutError:
+            REAPER.add(h)  # still posted: flush() and the exit hook complete it
+            raise
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
         self.wait_hello(timeout if timeout is not None else self.timeout)
@@ -344,22 +351,26 @@ class Link:
         chunk_bytes: int | None,
         timeout: float | None = None,
         from_sources: bool = False,
+        reap: bool = True,
     ) -> Handle:
         """Packs and posts one hop; returns once every message is posted.
 
         ``from_sources``: the caller will not touch its tensors until the hop completed (a
         blocking send), so a CPU payload that goes in chunks is sent from the tensors
         themselves where a chunk lies inside one contiguous tensor; only the chunks that
-        straddle tensors (and their padding) are staged.
+        straddle tensors (and their padding) are staged. ``reap=False``: the caller waits on
+        the returned handle itself (and hands it to the reaper if it stops waiting early).
         """
-        self.hello()
+        if not self._hello_started:
+            self.hello()
         if self._send_failed is not None:
             h = self._send_failed
             raise RuntimeError(f"an earlier {h.what} failed: {h.error}") from h.error
         body = enc.body
+        body_len = len(body)
         cpu = enc.parts.get("cpu")
         cpu_n = cpu.wire_layout.nbytes if cpu is not None else 0
-        inline_len = align16(FRAME_BYTES + len(body)) + cpu_n
+        inline_len = align16(FRAME_BYTES + body_len) + cpu_n
         if self.send_mode != "dist":
             if self.transport == "shm":
                 self.wait_hello(self.timeout)
@@ -377,19 +388,18 @@ class Link:
         if inline_len <= cap:
             head_base = self.send_pool.get(inline_len)
             head = head_base[:inline_len]
-            hn = head.numpy()
-            hn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
+            head_ptr = head.data_ptr()
+            _memmove(head_ptr + FRAME_BYTES, body, body_len)
             if cpu_n:
-                off = inline_len - cpu_n
-                pack(enc.sources["cpu"], out=head[off:], layout=cpu.wire_layout)
+                pack_cpu_unchecked(enc.sources["cpu"], cpu.wire_layout, head[inline_len - cpu_n :])
             flags = enc.flags | hop.F_INLINE
         else:
-            in_head = min(len(body), cap - FRAME_BYTES)
+            in_head = min(body_len, cap - FRAME_BYTES)
             head = torch.empty(FRAME_BYTES + in_head, dtype=torch.uint8)
-            hn = head.numpy()
-            hn[FRAME_BYTES:] = np.frombuffer(body, np.uint8, count=in_head)
-            if in_head < len(body):
-                rest = torch.from_numpy(np.frombuffer(body, np.uint8, offset=in_head).copy())
+            head_ptr = head.data_ptr()
+            _memmove(head_ptr + FRAME_BYTES, body, in_head)
+            if in_head < body_len:
+                rest = torch.frombuffer(bytearray(body[in_head:]), dtype=torch.uint8)
                 keep.append(rest)
             if cpu_n:
                 chunk = chunk_bytes if chunk_bytes else cpu_n
@@ -401,17 +411,18 @@ class Link:
                 else:
                     cpu_base = self.send_pool.get(cpu_n)
                     cpu_buf = cpu_base[:cpu_n]
-                    pack(srcs, out=cpu_buf, layout=cpu.wire_layout)
+                    pack_cpu_unchecked(srcs, cpu.wire_layout, cpu_buf)
                     keep.append(cpu_buf)
             flags = enc.flags
         keep.append(head)
-        dev_buf, dev_type = self._pack_device_payload(enc)
-        dev_n = 0 if dev_buf is None else dev_buf.numel()
-        if dev_buf is not None:
-            keep.append(dev_buf)
-        frame = hop.Frame(
-            flags, 0, head.numel(), len(body), cpu_n, chunk, dev_type, enc.tp_world, dev_n
-        )
+        dev_buf = dev_type = None
+        dev_n = 0
+        if len(enc.parts) > (cpu is not None):
+            dev_buf, dev_type = self._pack_device_payload(enc)
+            if dev_buf is not None:
+                dev_n = dev_buf.numel()
+                keep.append(dev_buf)
+        head_len = head.numel()
         with self._send_lock:
             if self._send_broken is not None:
                 raise RuntimeError(
@@ -421,31 +432,27 @@ class Link:
                 ) from self._send_broken
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
-            frame = dataclasses.replace(frame, seq=seq)
-            hn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
+            _memmove(
+                head_ptr,
+                hop.pack_frame(
+                    flags, seq, head_len, body_len, cpu_n, chunk, dev_type, enc.tp_world, dev_n
+                ),
+                FRAME_BYTES,
+            )
             works: list[Any] = []
             try:
                 cg = self.cpu_group
-                works.append(
-                    transport.isend(head, self.peer_global, cg, HEAD_TAG, what, self._cpeer)
-                )
+                peer, cpeer = self.peer_global, self._cpeer
+                works.append(transport.isend(head, peer, cg, HEAD_TAG, what, cpeer))
                 if rest is not None:
-                    works.append(
-                        transport.isend(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
-                    )
-                msgs = (
-                    chunk_msgs
-                    if chunk_msgs is not None
-                    else [cpu_buf[s:e] for s, e in frame.cpu_chunks()]
-                )
-                for m in msgs:
-                    works.append(
-                        transport.isend(m, self.peer_global, cg, DATA_TAG, what, self._cpeer)
-                    )
+                    works.append(transport.isend(rest, peer, cg, DATA_TAG, what, cpeer))
+                if chunk_msgs is None and cpu_buf is not None:
+                    chunk_msgs = [cpu_buf[s : s + chunk] for s in range(0, cpu_n, chunk)]
+                if chunk_msgs:
+                    for m in chunk_msgs:
+                        works.append(transport.isend(m, peer, cg, DATA_TAG, what, cpeer))
                 if dev_n:
-                    works.append(
-                        transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
-                    )
+                    works.append(transport.isend(dev_buf, peer, self.group, 0, what, self._gpeer))
             except BaseException as e:
                 if works:  # part of the hop is on the wire: the peer is out of step
                     self._send_broken = e
@@ -459,10 +466,12 @@ class Link:
             timeout=timeout,
             on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
         )
-        self._sent.append(handle)
-        while self._sent and self._sent[0].done:
-            self._sent.popleft()
-        REAPER.add(handle)
+        sent = self._sent
+        sent.append(handle)
+        while sent and sent[0].done:
+            sent.popleft()
+        if reap:
+            REAPER.add(handle)
         return handle
 
     def _decide_send_mode(self) -> None:
@@ -540,7 +549,9 @@ class Link:
                 sn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
                 sn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
                 if cpu_n:
-                    pack(enc.sources["cpu"], out=slot[inline_len - cpu_n :], layout=cpu.wire_layout)
+                    pack_cpu_unchecked(
+                        enc.sources["cpu"], cpu.wire_layout, slot[inline_len - cpu_n :]
+                    )
                 del sn, slot
             except BaseException:
                 self._send_ring.cancel(r)
@@ -688,7 +699,9 @@ class Link:
                                 if front.handle is None:
                                     self._post_head(front)
                         front.handle.wait(left)
-                        if self._is_switch(front):
+                        raw = ctypes.string_at(front.buf.data_ptr(), FRAME_BYTES)
+                        if raw[6] == hop.F_SWITCH and not raw[7]:
+                            self._switch(front, raw)
                             front.handle = None
                             front.buf = None
                             continue
@@ -697,7 +710,7 @@ class Link:
                         if arrival is not None:
                             self._read_arrival(front, arrival)
                         else:
-                            self._read(front)
+                            self._read(front, raw)
                     except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
                         front.error = e
                         self._recv_broken = e
@@ -712,11 +725,8 @@ class Link:
             raise inc.error
         return inc.result
 
-    def _is_switch(self, inc: _Incoming) -> bool:
+    def _switch(self, inc: _Incoming, raw: bytes) -> None:
         """A frame with F_SWITCH: the peer sends hop ``seq`` and later through this end's ring."""
-        raw = inc.buf[:FRAME_BYTES].numpy().tobytes()
-        if int.from_bytes(raw[6:8], "little") != hop.F_SWITCH:
-            return False
         frame = hop.decode_frame(raw, capacity=self.head_bytes, limits=inc.opts.limits)
         if frame.seq != inc.seq or self._ring is None:
             raise WireError(
@@ -724,7 +734,6 @@ class Link:
                 f"#{frame.seq} (ring offered: {self._ring is not None})"
             )
         self.recv_mode = "shm"
-        return True
 
     def _read_arrival(self, inc: _Incoming, arrival: Any) -> None:
         """A hop in a slot of this end's ring: laid out exactly like an INLINE head."""
@@ -732,7 +741,7 @@ class Link:
         arrival.release()
         n = slot.numel()
         head = slot
-        raw = slot[:FRAME_BYTES].numpy().tobytes()
+        raw = ctypes.string_at(slot.data_ptr(), FRAME_BYTES) if n >= FRAME_BYTES else b""
         frame = hop.decode_frame(raw, capacity=max(n, FRAME_BYTES), limits=inc.opts.limits)
         if not frame.inline or frame.head_len != n:
             raise WireError(
@@ -741,74 +750,98 @@ class Link:
             )
         if frame.cpu_nbytes and frame.cpu_nbytes <= _SHM_COPY_OUT:
             copy = self.recv_pool.get(n)[:n]
-            transport.copy_bytes(copy, slot)
+            _memmove(copy.data_ptr(), slot.data_ptr(), n)
             head = copy
         del slot
         inc.buf = head
         self._read(inc, frame=frame, copy_out=False)
 
-    def _read(self, inc: _Incoming, frame: hop.Frame | None = None, copy_out: bool = True) -> None:
+    def _read(
+        self,
+        inc: _Incoming,
+        raw: bytes | None = None,
+        frame: hop.Frame | None = None,
+        copy_out: bool = True,
+    ) -> None:
         seq = inc.seq
         opts = inc.opts
         head = inc.buf
-        where = f"receive #{seq} from {self.name}"
-        try:
-            if frame is None:
+        head_ptr = head.data_ptr()
+        if frame is None:
+            try:
                 frame = hop.decode_frame(
-                    head[:FRAME_BYTES].numpy().tobytes(),
+                    raw if raw is not None else ctypes.string_at(head_ptr, FRAME_BYTES),
                     capacity=self.head_bytes,
                     limits=opts.limits,
                 )
-        except WireError as e:
-            raise WireError(f"{where}: {e}") from None
+            except WireError as e:
+                raise WireError(f"receive #{seq} from {self.name}: {e}") from None
         if frame.seq != seq:
             raise WireError(
-                f"{where}: the peer sent hop #{frame.seq} where #{seq} was due (a hop "
-                "was lost or doubled)"
+                f"receive #{seq} from {self.name}: the peer sent hop #{frame.seq} where #{seq} "
+                "was due (a hop was lost or doubled)"
             )
         # post every follow-on receive from the frame alone, in order
         works = []
         keep = []
-        cg = self.cpu_group
         rest = None
-        what = f"payload of {where}"
-        if frame.body_len > frame.body_in_head:
-            rest = torch.empty(frame.body_len - frame.body_in_head, dtype=torch.uint8)
-            rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
         buffers: dict[str, torch.Tensor] = {}
-        if frame.cpu_nbytes:
-            if frame.inline:
-                off = frame.cpu_offset
-                cpu = head[off : off + frame.cpu_nbytes]
-                if copy_out and frame.cpu_nbytes * _COPY_OUT_RATIO < self.head_bytes:
-                    small = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
-                    transport.copy_bytes(small, cpu)
-                    cpu = small
-            else:
+        if not frame.inline or frame.dev_nbytes or frame.body_len > frame.body_in_head:
+            what = f"payload of receive #{seq} from {self.name}"
+            cg = self.cpu_group
+            if frame.body_len > frame.body_in_head:
+                rest = torch.empty(frame.body_len - frame.body_in_head, dtype=torch.uint8)
+                rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
+            if frame.cpu_nbytes and not frame.inline:
                 cpu = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
                 for s, e in frame.cpu_chunks():
                     works.append(
                         transport.irecv(cpu[s:e], self.peer_global, cg, DATA_TAG, what, self._cpeer)
                     )
                 keep.append(cpu)
-            buffers["cpu"] = cpu
-        if frame.dev_nbytes:
-            if not _has_device(frame.dev_type):
-                raise WireError(
-                    f"{where}: the peer sent a {frame.dev_type} payload of "
-                    f"{frame.dev_nbytes} bytes, and this process has no "
-                    f"{frame.dev_type} device to receive it"
+                buffers["cpu"] = cpu
+            if frame.dev_nbytes:
+                if not _has_device(frame.dev_type):
+                    raise WireError(
+                        f"receive #{seq} from {self.name}: the peer sent a {frame.dev_type} "
+                        f"payload of {frame.dev_nbytes} bytes, and this process has no "
+                        f"{frame.dev_type} device to receive it"
+                    )
+                dev = torch.device(frame.dev_type, _current_index(frame.dev_type))
+                dbuf = torch.empty(frame.dev_nbytes, dtype=torch.uint8, device=dev)
+                works.append(
+                    transport.irecv(dbuf, self.peer_global, self.group, 0, what, self._gpeer)
                 )
-            dev = torch.device(frame.dev_type, _current_index(frame.dev_type))
-            dbuf = torch.empty(frame.dev_nbytes, dtype=torch.uint8, device=dev)
-            works.append(transport.irecv(dbuf, self.peer_global, self.group, 0, what, self._gpeer))
-            keep.append(dbuf)
-            buffers[frame.dev_type] = dbuf
-        payload = Handle(works, keep, what=what, timeout=opts.timeout)
-        body = head[FRAME_BYTES : FRAME_BYTES + frame.body_in_head].numpy().tobytes()
+                keep.append(dbuf)
+                buffers[frame.dev_type] = dbuf
+        n_cpu = frame.cpu_nbytes
+        if n_cpu and frame.inline:
+            off = frame.cpu_offset
+            if copy_out and n_cpu * _COPY_OUT_RATIO < self.head_bytes:
+                cpu = self.recv_pool.get(n_cpu)[:n_cpu]
+                _memmove(cpu.data_ptr(), head_ptr + off, n_cpu)
+            else:
+                cpu = head[off : off + n_cpu]
+            buffers["cpu"] = cpu
+        payload = (
+            Handle(
+                works,
+                keep,
+                what=f"payload of receive #{seq} from {self.name}",
+                timeout=opts.timeout,
+            )
+            if works
+            else None
+        )
+        body = ctypes.string_at(head_ptr + FRAME_BYTES, frame.body_in_head)
         if rest is not None:
-            Handle([rest_work], [rest], what=f"header of {where}", timeout=opts.timeout).wait()
-            body += rest.numpy().tobytes()
+            Handle(
+                [rest_work],
+                [rest],
+                what=f"header of receive #{seq} from {self.name}",
+                timeout=opts.timeout,
+            ).wait()
+            body += ctypes.string_at(rest.data_ptr(), rest.numel())
         del head, inc.buf  # views of the head (inline payload) keep it; nothing else does
         try:
             dec = codec.header_parts(frame, body, opts.limits)
@@ -824,14 +857,16 @@ class Link:
             if opts.check is not None:
                 opts.check(codec.items_of(dec.schema, out))
         except (WireError, ValueError, TypeError) as e:
-            _DROPPED.add(payload)  # receive the rest of the hop anyway: the link stays in step
+            if payload is not None:  # receive the rest of the hop anyway: the link stays in step
+                _DROPPED.add(payload)
+            where = f"receive #{seq} from {self.name}"
             inc.error = (
                 type(e)(f"{where} refused: {e}")
                 if isinstance(e, WireError)
                 else WireError(f"{where} refused: {e}")
             )
             return
-        inc.result = (out, [payload] if works else [], post)
+        inc.result = (out, [payload] if payload is not None else [], post)
 
 
 def _chunks_from_sources(srcs: list, layout: Any, chunk: int) -> list[torch.Tensor]:

@@ -66,10 +66,13 @@ __all__ = [
     "DEVICE_CODES",
     "Frame",
     "encode_frame",
+    "pack_frame",
     "decode_frame",
     "TensorDesc",
     "Schema",
     "encode_body",
+    "body_head",
+    "BODY_HEAD_BYTES",
     "decode_schema",
     "align16",
 ]
@@ -129,23 +132,48 @@ class Frame:
         return [(s, min(s + c, self.cpu_nbytes)) for s in range(0, self.cpu_nbytes, c)]
 
 
-def encode_frame(f: Frame) -> bytes:
-    dev = 0 if f.dev_type is None else DEVICE_CODES[f.dev_type]
+def pack_frame(
+    flags: int,
+    seq: int,
+    head_len: int,
+    body_len: int,
+    cpu_nbytes: int,
+    chunk_bytes: int,
+    dev_type: str | None,
+    tp_world: int,
+    dev_nbytes: int,
+) -> bytes:
+    """The 64 bytes of a frame with these fields (what :func:`encode_frame` writes)."""
+    dev = 0 if dev_type is None else DEVICE_CODES[dev_type]
     return _FRAME.pack(
         MAGIC,
         VERSION,
+        flags,
+        seq,
+        head_len,
+        body_len,
+        cpu_nbytes,
+        chunk_bytes,
+        dev,
+        0,
+        tp_world,
+        dev_nbytes,
+        0,
+        0,
+    )
+
+
+def encode_frame(f: Frame) -> bytes:
+    return pack_frame(
         f.flags,
         f.seq,
         f.head_len,
         f.body_len,
         f.cpu_nbytes,
         f.chunk_bytes,
-        dev,
-        0,
+        f.dev_type,
         f.tp_world,
         f.dev_nbytes,
-        0,
-        0,
     )
 
 
@@ -250,6 +278,14 @@ class Schema:
     tensors: tuple[TensorDesc, ...]
     values_at: int  # offset of the values in the body
     values_len: int
+
+
+BODY_HEAD_BYTES = _BODY_HEAD.size
+
+
+def body_head(n_keys: int, n_tensors: int, values_len: int) -> bytes:
+    """The first bytes of a body: its key and tensor counts and the plain values' length."""
+    return _BODY_HEAD.pack(n_keys, n_tensors, values_len)
 
 
 def encode_body(
