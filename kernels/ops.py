@@ -230,16 +230,23 @@ def pack_cpu_unchecked(tensors: Sequence[torch.Tensor], layout: Layout, out: tor
     ``layout.nbytes``): nothing is checked again. A dense source is one ``memmove`` of its
     bytes on this thread; strided, conjugate or negative views go through :func:`_cpu_copy`.
     """
-    base = out.data_ptr()
+    pack_cpu_finish(tensors, layout, out, pack_cpu_begin(tensors, layout, out))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def pack_cpu_begin(tensors: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor) -> list[int]:
+    """The first half of :func:`pack_cpu_unchecked`: copies the entries that cannot go by
+    address (the only copies that can fail) and returns the numbers of the dense ones."""
+    dense = []
     rest = None
     for i, (t, e) in enumerate(zip(tensors, layout.entries)):
-        n = e.nbytes
-        if not n:
+        if not e.nbytes:
             continue
-        if t.is_contiguous() and not t.is_conj() and not t.is_neg():
-            (_MEMMOVE_GIL if n <= _GIL_COPY_MAX else _MEMMOVE_NOGIL)(
-                base + e.offset, t.data_ptr(), n
-            )
+        if _dense(t):
+            dense.append(i)
         else:
             if rest is None:
                 rest = []
@@ -248,6 +255,55 @@ def pack_cpu_unchecked(tensors: Sequence[torch.Tensor], layout: Layout, out: tor
         views = unpack(out, layout)
         for i in rest:
             _cpu_copy(views[i], tensors[i])
+    return dense
+
+
+def pack_cpu_finish(
+    tensors: Sequence[torch.Tensor],
+    layout: Layout,
+    out: torch.Tensor,
+    dense: Sequence[int],
+    *,
+    chunk: int = 0,
+    ready=None,
+) -> None:
+    """The second half: ``memmove`` of the dense entries (``dense`` from
+    :func:`pack_cpu_begin`).
+
+    With ``ready``, they are copied in pieces cut at multiples of ``chunk`` bytes, and
+    ``ready(start, end)`` is called for each chunk of ``out`` in order, as soon as every byte
+    before its end is written, so a caller can send one chunk while the next is copied.
+    """
+    base = out.data_ptr()
+    if ready is None:
+        for i in dense:
+            e = layout.entries[i]
+            memmove_small(base + e.offset, tensors[i].data_ptr(), e.nbytes)
+        return
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    total = layout.nbytes
+    sent = 0  # chunks [0, sent) were handed to ready
+    is_dense = set(dense)
+    for i, e in enumerate(layout.entries):
+        if i in is_dense:
+            src = tensors[i].data_ptr()
+            s, end = e.offset, e.offset + e.nbytes
+            while s < end:
+                piece = min(end, (s // chunk + 1) * chunk)
+                _MEMMOVE_NOGIL(base + s, src + (s - e.offset), piece - s)
+                s = piece
+                while sent + chunk <= s:
+                    ready(sent, sent + chunk)
+                    sent += chunk
+        else:  # copied by pack_cpu_begin (or empty)
+            done = e.offset + e.nbytes
+            while sent + chunk <= done:
+                ready(sent, sent + chunk)
+                sent += chunk
+    while sent < total:
+        ready(sent, min(sent + chunk, total))
+        sent += chunk
 
 
 def _device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:

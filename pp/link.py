@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from pipepack.kernels import pack
 from pipepack.kernels.ops import memmove_small as _memmove
-from pipepack.kernels.ops import pack_cpu_unchecked
+from pipepack.kernels.ops import pack_cpu_begin, pack_cpu_finish, pack_cpu_unchecked
 
 from . import codec, transport
 from .pool import BufferPool
@@ -409,9 +409,11 @@ class Link:
                     chunk_msgs = _chunks_from_sources(srcs, cpu.wire_layout, chunk)
                     keep.extend(chunk_msgs)
                 else:
+                    # the copies that can fail run now; the dense ones are copied chunk by
+                    # chunk once the head is posted, each chunk sent as soon as it is written
                     cpu_base = self.send_pool.get(cpu_n)
                     cpu_buf = cpu_base[:cpu_n]
-                    pack_cpu_unchecked(srcs, cpu.wire_layout, cpu_buf)
+                    dense = pack_cpu_begin(srcs, cpu.wire_layout, cpu_buf)
                     keep.append(cpu_buf)
             flags = enc.flags
         keep.append(head)
@@ -446,11 +448,15 @@ class Link:
                 works.append(transport.isend(head, peer, cg, HEAD_TAG, what, cpeer))
                 if rest is not None:
                     works.append(transport.isend(rest, peer, cg, DATA_TAG, what, cpeer))
-                if chunk_msgs is None and cpu_buf is not None:
-                    chunk_msgs = [cpu_buf[s : s + chunk] for s in range(0, cpu_n, chunk)]
                 if chunk_msgs:
                     for m in chunk_msgs:
                         works.append(transport.isend(m, peer, cg, DATA_TAG, what, cpeer))
+                elif cpu_buf is not None:
+
+                    def ready(s: int, e: int) -> None:
+                        works.append(transport.isend(cpu_buf[s:e], peer, cg, DATA_TAG, what, cpeer))
+
+                    pack_cpu_finish(srcs, cpu.wire_layout, cpu_buf, dense, chunk=chunk, ready=ready)
                 if dev_n:
                     works.append(transport.isend(dev_buf, peer, self.group, 0, what, self._gpeer))
             except BaseException as e:

@@ -12,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipepack.kernels import Layout, pack, plan_layout, unpack
-from pipepack.kernels.ops import pack_cpu_unchecked, unpack_unchecked
+from pipepack.kernels.ops import (
+    pack_cpu_begin,
+    pack_cpu_finish,
+    pack_cpu_unchecked,
+    unpack_unchecked,
+)
 from pipepack.pp import codec
 from pipepack.pp.wire import (
     DEFAULT_LIMITS,
@@ -216,3 +221,25 @@ def test_unpack_unchecked_gives_unpacks_views() -> None:
     c = unpack_unchecked(head[80:], layout)
     assert [t.data_ptr() for t in c] == [t.data_ptr() for t in a]
     assert unpack_unchecked(torch.zeros(0, dtype=torch.uint8), Layout((), 0)) == []
+
+
+@pytest.mark.parametrize("chunk", [16, 48, 4096, 1 << 20])
+def test_chunked_pack_hands_out_each_chunk_once_it_is_final(chunk: int) -> None:
+    """pack_cpu_finish(ready=...) calls ready(start, end) in order, the chunks tile the payload,
+    and each chunk's bytes are already the final packed bytes when it is handed out."""
+    srcs = _strange_sources(3) + [_random((700,), torch.float32, 1)]
+    layout = plan_layout(srcs)
+    want = torch.full((layout.nbytes,), 0x5A, dtype=torch.uint8)
+    pack(srcs, out=want, layout=layout)
+    out = torch.full((layout.nbytes + 64,), 0x5A, dtype=torch.uint8)
+    body = out[: layout.nbytes]
+    seen = []
+
+    def ready(s: int, e: int) -> None:
+        assert torch.equal(body[s:e], want[s:e]), f"chunk [{s}, {e}) handed out unwritten"
+        seen.append((s, e))
+
+    dense = pack_cpu_begin(srcs, layout, body)
+    pack_cpu_finish(srcs, layout, body, dense, chunk=chunk, ready=ready)
+    assert seen == [(s, min(s + chunk, layout.nbytes)) for s in range(0, layout.nbytes, chunk)]
+    assert torch.equal(body, want) and (out[layout.nbytes :] == 0x5A).all()

@@ -1172,19 +1172,20 @@ def _pack_fails_body(rank: int, world: int, transport: str, where: str, tmp: str
         ch.send(_fault_hop(0))
         if transport == "shm":
             assert ch.transport == "shm"
-        real = pp_link.pack, pp_link.pack_cpu_unchecked
+        real = pp_link.pack, pp_link.pack_cpu_unchecked, pp_link.pack_cpu_begin
 
         def pack_fails(*a: Any, **kw: Any) -> Any:
             raise RuntimeError("injected pack failure")
 
-        # both packs the link calls: the device one and the CPU one
-        pp_link.pack = pp_link.pack_cpu_unchecked = pack_fails
+        # every pack the link calls that can fail: the device one, the CPU one, and the first
+        # half of the chunked CPU pack (the second half only moves dense bytes by address)
+        pp_link.pack = pp_link.pack_cpu_unchecked = pp_link.pack_cpu_begin = pack_fails
         try:
             ch.isend(_fault_hop(1, tokens=4 if where == "head" else 600))
             raised = None
         except RuntimeError as e:
             raised = str(e)
-        pp_link.pack, pp_link.pack_cpu_unchecked = real
+        pp_link.pack, pp_link.pack_cpu_unchecked, pp_link.pack_cpu_begin = real
         ch.send(_fault_hop(2))
         ch.send(_fault_hop(3, tokens=600))
         _record(tmp, rank, raised=raised)
