@@ -615,17 +615,21 @@ class Link:
 
     def post(self, opts: RecvOptions) -> _Incoming:
         """Posts the next head receive and returns at once."""
-        self.hello()
+        if not self._hello_started:
+            self.hello()
         with self._post_lock:
-            self._check_recv_broken()
+            if self._recv_broken is not None:
+                self._check_recv_broken()
             seq = self._recv_posted
             self._recv_posted += 1
             inc = _Incoming(seq, None, None, opts)
             # post now once nothing can switch the peer away from gloo, but never ahead of an
-            # earlier receive still unposted (heads match posted receives in posting order)
-            if self.recv_mode == "dist" and all(q.handle is not None for q in self._queue):
+            # earlier receive still unposted (heads match posted receives in posting order;
+            # the posted ones are a prefix of the queue, so the last one says it for all)
+            q = self._queue
+            if self.recv_mode == "dist" and (not q or q[-1].handle is not None):
                 self._post_head(inc)
-            self._queue.append(inc)
+            q.append(inc)
         return inc
 
     def _post_head(self, inc: _Incoming) -> None:
