@@ -337,8 +337,9 @@ class Link:
         h = self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout, from_sources=True, reap=False)
         try:
             h.wait(timeout)  # on this thread: a hand-off to the reaper costs two thread wakeups
-        except TimeoutError:
-            REAPER.add(h)  # still posted: flush() and the exit hook complete it
+        except BaseException:
+            if not h.done:  # still posted (a timeout, an interrupt): flush() and exit complete it
+                REAPER.add(h)
             raise
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
