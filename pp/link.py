@@ -529,9 +529,12 @@ class Link:
         timeout: float | None,
     ) -> Handle:
         """One hop as one slot of the peer's ring, packed straight into it."""
-        dev_buf, dev_type = self._pack_device_payload(enc)
+        dev_buf = dev_type = None
+        if len(enc.parts) > (cpu is not None):
+            dev_buf, dev_type = self._pack_device_payload(enc)
         dev_n = 0 if dev_buf is None else dev_buf.numel()
         keep = [] if dev_buf is None else [dev_buf]
+        body_len = len(body)
         with self._send_lock:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
@@ -541,25 +544,28 @@ class Link:
             )
             try:
                 slot = r.payload
-                sn = slot.numpy()
-                frame = hop.Frame(
-                    enc.flags | hop.F_INLINE,
-                    seq,
-                    inline_len,
-                    len(body),
-                    cpu_n,
-                    0,
-                    dev_type,
-                    enc.tp_world,
-                    dev_n,
+                ptr = slot.data_ptr()
+                _memmove(
+                    ptr,
+                    hop.pack_frame(
+                        enc.flags | hop.F_INLINE,
+                        seq,
+                        inline_len,
+                        body_len,
+                        cpu_n,
+                        0,
+                        dev_type,
+                        enc.tp_world,
+                        dev_n,
+                    ),
+                    FRAME_BYTES,
                 )
-                sn[:FRAME_BYTES] = np.frombuffer(hop.encode_frame(frame), np.uint8)
-                sn[FRAME_BYTES : FRAME_BYTES + len(body)] = np.frombuffer(body, np.uint8)
+                _memmove(ptr + FRAME_BYTES, body, body_len)
                 if cpu_n:
                     pack_cpu_unchecked(
                         enc.sources["cpu"], cpu.wire_layout, slot[inline_len - cpu_n :]
                     )
-                del sn, slot
+                del slot
             except BaseException:
                 self._send_ring.cancel(r)
                 raise
