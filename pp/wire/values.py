@@ -284,9 +284,18 @@ class _Dec:
                     raise WireError("value: dict with duplicate keys")
                 return d, pos
             items = []
+            append = items.append
             for _ in range(n):
-                x, pos = self.dec(pos, depth)
-                items.append(x)
+                t = buf[pos]  # the common scalars inline: lists of per-request values are long
+                if t == T_NONE:
+                    append(None)
+                    pos += 1
+                elif t == T_INT:
+                    append(_I64.unpack_from(buf, pos + 1)[0])
+                    pos += 9
+                else:
+                    x, pos = self.dec(pos, depth)
+                    append(x)
             return (items if tag == T_LIST else tuple(items)), pos
         if tag == T_DTYPE:
             dt = dtype_of_code(buf[pos])
