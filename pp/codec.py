@@ -11,6 +11,7 @@ sizes the frame announced are exactly what the shapes imply.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,7 @@ class _Plan:
     """
 
     limits: Limits
-    tp: TP | None
+    tp: Callable[[], TP | None]  # weakly: a TP holds its process group
     n_keys: int
     n_tensors: int
     schema_tail: bytes  # the body after its 8-byte head, up to the plain values
@@ -178,7 +179,7 @@ def encode(
         plan = _PLANS.get(key)
     except Exception:  # noqa: BLE001 - the full encoding below says what is wrong
         plan = None
-    if plan is None or plan.limits is not limits or plan.tp is not tp:
+    if plan is None or plan.limits is not limits or plan.tp() is not tp:
         enc, plan = _encode_full(d, allow_pickle, limits, tp, all_gather_tensors)
         if key is not None:
             with _PLANS_LOCK:
@@ -321,7 +322,7 @@ def _encode_full(
     enc = Encoded(body, flags | (hop.F_PICKLED if pickled else 0), tp_world, parts, sources)
     plan = _Plan(
         limits,
-        tp,
+        (lambda: None) if tp is None else weakref.ref(tp),
         len(keys_b),
         n_tensors,
         body[hop.BODY_HEAD_BYTES : len(body) - len(values_b)],
