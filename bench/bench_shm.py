@@ -1,16 +1,22 @@
 """Two-process ping-pong of a raw hop through the shared-memory ring (pipepack.pp.shm).
 
-A raw hop: the sender reserves a slot, copies the bytes into it on one thread (numpy copyto, the
-stand-in for the pack), publishes; the receiver waits and gets a zero-copy view, then drops it.
-Each process owns the RecvRing of the direction it receives. Reported per size: median / p10 /
-p90 of one hop (half a round trip), GB/s of the hop, the single-thread memcpy bandwidth of the
-same size measured in the same run, their ratio, and CPU time per hop of both processes.
+A raw hop: the sender reserves a slot, copies the bytes into it on one thread
+(``pipepack.pp.transport.copy_bytes``, the stand-in for the pack), publishes; the receiver waits
+and gets a zero-copy view, then drops it. Each process owns the RecvRing of the direction it
+receives. Reported per size: median / p10 / p90 of one hop (half a round trip), GB/s of the
+hop, the single-thread memcpy bandwidth of the same size measured in the same run, their ratio,
+and CPU time per hop of both processes.
 
 Also: a spin-budget sweep at 128 KiB (latency and CPU per hop), the one-way latency of a hop that
 arrives after the receiver went to sleep (a hop every few ms), and the CPU a receiver burns while
 nothing arrives.
 
     python bench/bench_shm.py [--quick] [--out results.json]
+
+``--hops-only`` runs just the ping-pong of the ring's own per-hop cost (512 B, 40 KiB, 128 KiB;
+``--repeat`` runs of ``--iters`` hops each, the median of the runs' medians reported)::
+
+    python bench/bench_shm.py --hops-only --repeat 5 --iters 3000
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 
 from pipepack.pp import shm
+from pipepack.pp.transport import copy_bytes
 
 CTX = mp.get_context("fork")
 KiB, MiB = 1 << 10, 1 << 20
@@ -43,14 +50,13 @@ def _peer(conn, n: int, iters: int, spin_us: float) -> None:
     rx = shm.RecvRing(slots=4, timeout=60, spin_us=spin_us)
     conn.send(rx.name)
     tx = shm.SendRing(conn.recv(), timeout=60, spin_us=spin_us)
-    src = np.full(n, 7, np.uint8)
+    src = torch.full((n,), 7, dtype=torch.uint8)
     c0 = _cpu()
     for _ in range(iters):
         a = rx.wait()
         del a
         r = tx.reserve(n)
-        if n:
-            np.copyto(r.payload.numpy(), src)
+        copy_bytes(r.payload, src)
         tx.publish(r, b"")
         del r
     conn.send(_cpu() - c0)
@@ -67,7 +73,7 @@ def pingpong(n: int, iters: int, warmup: int, spin_us: float) -> dict:
     rx = shm.RecvRing(slots=4, timeout=60, spin_us=spin_us)
     tx = shm.SendRing(parent.recv(), timeout=60, spin_us=spin_us)
     parent.send(rx.name)
-    src = np.full(n, 3, np.uint8)
+    src = torch.full((n,), 3, dtype=torch.uint8)
     rtt = []
     c0 = 0.0
     for i in range(total):
@@ -75,8 +81,7 @@ def pingpong(n: int, iters: int, warmup: int, spin_us: float) -> dict:
             c0 = _cpu()
         t0 = time.perf_counter_ns()
         r = tx.reserve(n)
-        if n:
-            np.copyto(r.payload.numpy(), src)
+        copy_bytes(r.payload, src)
         tx.publish(r, b"")
         del r
         a = rx.wait()
@@ -191,7 +196,7 @@ def env() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "copy": "numpy.copyto, one thread",
+        "copy": "transport.copy_bytes (numpy.copyto, one thread)",
         "default_spin_us": shm.DEFAULT_SPIN_US,
         "max_sleep_s": shm.MAX_SLEEP_S,
         "loadavg": os.getloadavg(),
@@ -199,11 +204,42 @@ def env() -> dict:
     }
 
 
+def hops_only(repeat: int, iters: int, path: str | None) -> None:
+    """The ring's own per-hop cost: ``repeat`` ping-pong runs per size, interleaved."""
+    sizes = (512, 40 * KiB, 128 * KiB)
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
+    for _ in range(repeat):
+        for n in sizes:
+            runs[n].append(
+                pingpong(n, iters, warmup=max(iters // 10, 3), spin_us=shm.DEFAULT_SPIN_US)
+            )
+    out = {"env": env(), "iters": iters, "repeat": repeat, "hops": []}
+    for n in sizes:
+        meds = sorted(h["hop_us_median"] for h in runs[n])
+        cpu = statistics.median(h["cpu_us_per_hop_both_procs"] for h in runs[n])
+        out["hops"].append({"bytes": n, "hop_us_medians": meds, "cpu_us_per_hop": cpu})
+        print(
+            f"{n:>7} B  hop {statistics.median(meds):6.1f} us median of {repeat} run medians "
+            f"(runs {', '.join(f'{m:.1f}' for m in meds)})  cpu/hop both procs {cpu:.1f} us",
+            flush=True,
+        )
+    print(json.dumps(out["env"]))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--out", help="write the JSON record here too")
+    ap.add_argument("--hops-only", action="store_true", help="only the small-hop ping-pong")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per size (--hops-only)")
+    ap.add_argument("--iters", type=int, default=3000, help="hops per run (--hops-only)")
     args = ap.parse_args()
+    if args.hops_only:
+        hops_only(args.repeat, args.iters, args.out)
+        return
     q = 0.2 if args.quick else 1.0
     out: dict = {"env": env(), "hops": [], "spin_sweep": [], "after_sleep": [], "idle": []}
     sizes = [(16 * KiB, 3000), (128 * KiB, 3000), (1 * MiB, 1000), (64 * MiB, 40)]

@@ -11,14 +11,16 @@ Interface::
     available() -> bool                 # POSIX shared memory (/dev/shm) usable here
     sweep_stale() -> list[str]          # unlinks pipepack-<pid>-* segments whose process is gone
 
-    rx = RecvRing(slots=4, slot_bytes=4 << 20, meta_bytes=64 << 10, timeout=None)
+    rx = RecvRing(slots=4, slot_bytes=4 << 20, meta_bytes=64 << 10, timeout=None,
+                  grow_budget=DEFAULT_GROW_BUDGET)
     rx.name                             # what the sender needs (travels in the channel handshake)
     a = rx.wait(timeout)                # -> Arrival(seq, meta, payload); in order
     a.release(force=False)              # optional; the slot frees itself when the views die
     rx.close()
 
     tx = SendRing(rx.name, timeout=None)
-    r = tx.reserve(nbytes, timeout)     # -> Reservation(payload); back-pressure when full
+    r = tx.reserve(nbytes, timeout)     # -> Reservation(payload); back-pressure when full or
+                                        #    past the memory bound
     ... write r.payload (e.g. copy_bytes, or the pack kernel with out=r.payload) ...
     tx.publish(r, meta)                 # makes the hop visible; r.payload must not be written after
     tx.cancel(r)                        # gives an unpublished slot back
@@ -35,10 +37,11 @@ field read from the control block disagrees with the ring's geometry or limits.
 
 Layout of the main segment (all counters little-endian u64, offsets from its start)::
 
-    [0, 256)        header: magic, version, geometry, pids + start times, states, tail, acks
+    [0, 256)        header: magic, version, geometry, pids + start times, states, tail, acks,
+                    grow budget, count of grown segments retired
     [256, ...)      publish queue: slot index of hop seq s at entry (s - 1) % slots
     [desc_off, ...) one 128-byte descriptor per slot: pub_seq, ack_seq, payload/meta lengths,
-                    generation + size + name of the slot's grown segment (0 = inline)
+                    generation + size + name of the slot's grown segment (size 0 = inline)
     [meta_off, ...) one meta area per slot (meta_bytes rounded up to 64)
     [data_off, ...) one data area per slot (slot_bytes rounded up to the page), page aligned
 
@@ -49,7 +52,10 @@ polls ``tail``; once it passes ``seq`` it takes and drops the same spinlock and 
 the queue entry, the descriptor, the meta and (through the views it hands out) the payload. When
 the last view of a hop dies (a weakref callback on the buffer object the view's storage holds),
 the receiver writes ``ack_seq[i] = seq`` under the spinlock and bumps ``acks``; the sender polls
-that, takes the spinlock, and only then writes the slot again.
+that, takes and drops the spinlock (once for all the slots freed since its last lock/unlock),
+and only then writes the slot (or its descriptor) again. The receiver likewise takes the lock
+once for every hop published before it: hops up to the tail it read before its last lock/unlock
+are read without another one.
 
 Memory ordering. The spinlock is glibc's ``pthread_spin_trylock``/``pthread_spin_unlock`` on a
 word of the shared block (an atomic exchange and a release store): a lock/unlock pair on each
@@ -60,18 +66,37 @@ counters are aligned 8-byte words written and read by single loads/stores (not t
 aarch64). Without the glibc symbols the module falls back to TSO alone and :func:`available`
 says False off x86-64.
 
-Waiting. A waiter spins on the counter for ``spin_us`` (default :data:`DEFAULT_SPIN_US`), then
-sleeps in ``futex(FUTEX_WAIT)`` on the counter's low 32 bits (woken by the peer, which calls
-``FUTEX_WAKE`` only when the waiter announced itself), with each sleep capped at
-:data:`MAX_SLEEP_S` so a lost wake-up costs at most that and the peer's liveness is checked at
-least that often.
+Waiting. A waiter spins on the counter for ``spin_us`` (default :data:`DEFAULT_SPIN_US`): plain
+reads of the word in batches of 8, a clock read and a ``sched_yield`` between batches (a peer
+that shares the core gets it at once). Then it sleeps in ``futex(FUTEX_WAIT)`` on the counter's
+low 32 bits. It announces a sleep in a wait flag, takes and drops the spinlock and re-reads the
+counter; the peer reads that flag inside the same lock section as its store to the counter and
+calls ``FUTEX_WAKE`` only when it is set, so one of the two sees the other. Each sleep is capped
+at :data:`MAX_SLEEP_S`, so the peer's liveness is checked at least that often.
 
 Slots that grow. A hop larger than every free slot takes a free slot and gives it a segment of
-its own (``pipepack-<sender pid>-...``, sized up to the next 1/8-step of a power of two), named
-in the slot's descriptor with a new generation number. The receiver maps it when it first meets
-that generation (size checked against :attr:`RecvRing.max_hop_bytes` and the file's real size) and
-unlinks it at once; the slot keeps the grown segment for later hops (no new mapping per hop).
-Small hops take the smallest free slot that fits, so they do not pin grown segments.
+its own (``pipepack-<sender pid>-...``, sized up to the next 1/8-step of a power of two: the
+hop's *class*), named in the slot's descriptor with a new generation number. The receiver maps it
+when it first meets that generation (size checked against :attr:`RecvRing.max_hop_bytes` and the
+file's real size) and unlinks it at once; the slot keeps the grown segment for later hops (no
+new mapping per hop). Small hops take the smallest free slot that fits, so they do not pin grown
+segments.
+
+Memory bound. The grown segments of a ring hold at most ``max(grow_budget, 2 * M)`` bytes
+together, ``M`` the largest of: the class of the hop being reserved, and the segments of hops in
+flight (published and not yet released by the receiver, or reserved and not yet published).
+``reserve`` enforces it before it writes anything: it retires free grown segments, largest
+first, while the total is above the bound (a retired slot is an inline slot again), and a hop
+that needs a new segment which would still not fit waits for the receiver to release a hop
+(back-pressure, the same timeout and error as a full ring). So the receiver can always hold one
+hop of any size while the sender writes the next, a burst of big hops leaves at most
+``grow_budget`` bytes of segments behind once they are released and the next hop is reserved,
+and the resident memory the ring adds to either end is the main segment plus that bound (plus,
+on the receiving end, segments that views released with ``force=True`` still read). Retiring
+sets the descriptor's size to 0 with a new generation and bumps the header's retire count; the
+receiver, at its next hop, unmaps every segment it maps whose generation is no longer the
+descriptor's. The default budget (:data:`DEFAULT_GROW_BUDGET`, 128 MiB) lets two 64 MiB hops be
+in flight at once, or four of up to 32 MiB.
 
 Cleanup. The main segment is unlinked by the sender as soon as it has mapped it (both ends
 mapped), a grown segment by the receiver as soon as it has mapped it; the memory lives on as long
@@ -79,6 +104,9 @@ as a mapping does. Names carry the creator's pid, process start time and pid nam
 crashed process's segments are recognised and unlinked by :func:`sweep_stale` (run by every new
 ``RecvRing``, by ``close()``, and when a peer is found dead). ``close()`` never unmaps memory a
 view can still read: the mapping goes away with the last view.
+
+A hop's per-call cost is Python: ``reserve`` reuses the payload tensor of the slot's previous
+reservation when the size is the same, and no call formats a message unless it raises.
 
 Copies into and out of a slot should stay on one thread (torch's intra-op pool fights the peer for
 the cores on a small host): :func:`copy_bytes` does that with ``numpy.copyto``.
@@ -101,6 +129,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,13 +148,14 @@ __all__ = [
     "PeerGone",
     "CorruptRing",
     "DEFAULT_SPIN_US",
+    "DEFAULT_GROW_BUDGET",
     "MAX_SLEEP_S",
 ]
 
 SHM_DIR = "/dev/shm"
 PREFIX = "pipepack-"
 MAGIC = int.from_bytes(b"PPSHMRG1", "little")
-VERSION = 1
+VERSION = 2
 PAGE = mmap.PAGESIZE
 ALIGN = 64
 NAME_BYTES = 64
@@ -134,6 +164,8 @@ HEADER_BYTES = 256
 MAX_SLOTS = 1024
 MAX_META_BYTES = 16 << 20
 DEFAULT_MAX_HOP_BYTES = 1 << 36
+#: bytes a ring's grown segments may hold together beyond two hops' worth ("Memory bound")
+DEFAULT_GROW_BUDGET = 128 << 20
 
 #: spin this long on a counter before sleeping (see bench/NOTES.md, shm section)
 DEFAULT_SPIN_US = 100.0
@@ -167,7 +199,9 @@ _SPIN_YIELD = os.environ.get("PIPEPACK_SHM_SPIN_YIELD", "1") != "0"
     H_LOCK,
     H_RWAIT,
     H_SWAIT,
-) = range(23)
+    H_GROW_BUDGET,
+    H_RETIRED,
+) = range(25)
 # descriptor words (u64 index within a descriptor); the name occupies bytes [64, 128)
 D_PUB, D_ACK, D_NBYTES, D_MLEN, D_GEN, D_EXT_BYTES = range(6)
 D_NAME_OFF = 64
@@ -512,10 +546,12 @@ class _Seg:
 
     def __init__(self, mm: mmap.mmap, geo: _Geometry | None = None) -> None:
         self.mm = mm
-        self.ctl = memoryview(mm)[:HEADER_BYTES].cast("Q")
+        self.view = memoryview(mm)  # the whole segment; slices of it back the slot tensors
+        self.ctl = self.view[:HEADER_BYTES].cast("Q")
         self._anchor = ctypes.c_char.from_buffer(mm)  # pins the mapping for the raw addresses
         self.base = ctypes.addressof(self._anchor)
         self.lock_addr = self.base + 8 * H_LOCK
+        self.lock = ctypes.c_void_p(self.lock_addr)  # the spinlock calls' argument, built once
         self.geo = geo
         self.queue = self.desc = None
         if geo is not None:
@@ -523,14 +559,14 @@ class _Seg:
 
     def set_geo(self, geo: _Geometry) -> None:
         self.geo = geo
-        self.queue = memoryview(self.mm)[geo.queue_off : geo.queue_off + 8 * geo.slots].cast("Q")
-        self.desc = memoryview(self.mm)[geo.desc_off : geo.meta_off].cast("Q")
+        self.queue = self.view[geo.queue_off : geo.queue_off + 8 * geo.slots].cast("Q")
+        self.desc = self.view[geo.desc_off : geo.meta_off].cast("Q")
 
     def d(self, slot: int, word: int) -> int:
-        return self.desc[slot * (DESC_BYTES // 8) + word]
+        return self.desc[slot * _DW + word]
 
     def set_d(self, slot: int, word: int, value: int) -> None:
-        self.desc[slot * (DESC_BYTES // 8) + word] = value
+        self.desc[slot * _DW + word] = value
 
     def ext_name(self, slot: int) -> bytes:
         off = self.geo.desc_off + slot * DESC_BYTES + D_NAME_OFF
@@ -541,24 +577,54 @@ class _Seg:
         raw = name.encode()
         self.mm[off : off + NAME_BYTES] = raw + b"\0" * (NAME_BYTES - len(raw))
 
-    def fence(self, deadline: float) -> bool:
-        """Takes and drops the shared spinlock (see the module doc); False past ``deadline``
-        (a holder that died inside the two-call critical section)."""
-        if _TRYLOCK is None:
-            return True
-        addr = self.lock_addr
-        if _TRYLOCK(addr) == 0:  # uncontended: the common case
-            _UNLOCK(addr)
-            return True
+    def _contended(self, seconds: float) -> bool:
+        """Spins for the lock after a failed try: True once held, False after ``seconds`` (a
+        holder that died inside its few-store critical section)."""
+        lock = self.lock
+        deadline = time.monotonic() + seconds
         n = 0
-        while _TRYLOCK(addr) != 0:
+        while _TRYLOCK(lock) != 0:
             n += 1
             if n & 255 == 0:
                 if time.monotonic() > deadline:
                     return False
                 os.sched_yield()
-        _UNLOCK(addr)
         return True
+
+    def fence(self, seconds: float = 1.0) -> bool:
+        """Takes and drops the shared spinlock (see the module doc); False when it stays held
+        for ``seconds``."""
+        if _TRYLOCK is None:
+            return True
+        lock = self.lock
+        if _TRYLOCK(lock) != 0 and not self._contended(seconds):
+            return False
+        _UNLOCK(lock)
+        return True
+
+    def store2(
+        self, va: memoryview, ia: int, xa: int, vb: memoryview, ib: int, xb: int, flag: int
+    ) -> int:
+        """Under the spinlock: ``va[ia] = xa``, then ``vb[ib] = xb``, then reads the peer's wait
+        flag ``ctl[flag]`` and returns it (-1: the lock stayed held for a second).
+
+        Reading the flag inside the critical section is what makes a wake-up never lost: the
+        peer announces its sleep (flag store) before its own lock/unlock and re-reads the word
+        after it, so either its section comes first (this read sees the flag) or this one does
+        (its re-read sees the stores)."""
+        if _TRYLOCK is None:
+            va[ia] = xa
+            vb[ib] = xb
+            return self.ctl[flag]
+        lock = self.lock
+        if _TRYLOCK(lock) != 0 and not self._contended(1.0):
+            return -1
+        try:
+            va[ia] = xa
+            vb[ib] = xb
+            return self.ctl[flag]
+        finally:
+            _UNLOCK(lock)
 
     def locked_store(self, pairs: list[tuple[memoryview, int, int]], deadline: float) -> bool:
         """Stores ``(view, index, value)`` in order while holding the spinlock."""
@@ -566,23 +632,18 @@ class _Seg:
             for view, i, v in pairs:
                 view[i] = v
             return True
-        addr = self.lock_addr
-        n = 0
-        while _TRYLOCK(addr) != 0:
-            n += 1
-            if n & 255 == 0:
-                if time.monotonic() > deadline:
-                    return False
-                os.sched_yield()
+        lock = self.lock
+        if _TRYLOCK(lock) != 0 and not self._contended(max(deadline - time.monotonic(), 0.0)):
+            return False
         try:
             for view, i, v in pairs:
                 view[i] = v
         finally:
-            _UNLOCK(addr)
+            _UNLOCK(lock)
         return True
 
     def close(self) -> None:
-        for v in (self.queue, self.desc, self.ctl):
+        for v in (self.queue, self.desc, self.ctl, self.view):
             if v is not None:
                 v.release()
         self.queue = self.desc = None
@@ -593,47 +654,57 @@ class _Seg:
             pass  # views of a slot are alive: the mapping goes with the last of them
 
 
-def _wait_for(
-    cond, seg: _Seg, wait_word: int, futex_word: int, deadline: float | None, spin_s: float, check
+_DW = DESC_BYTES // 8  # u64 words per descriptor
+# reads of the awaited word between two clock reads (and yields): few, so that a peer sharing
+# this core gets it soon (bench/NOTES.md, shm section)
+_SPIN_READS = range(8)
+
+
+def _wait_change(
+    seg: _Seg,
+    word: int,
+    seen: int,
+    wait_word: int,
+    deadline: float | None,
+    spin_s: float,
+    check,
 ) -> bool:
-    """Spins on ``cond`` for ``spin_s``, then sleeps on the futex at ``futex_word`` (announcing
-    itself in ``wait_word``) until ``cond``; calls ``check()`` (which may raise) at least every
-    ``_LIVENESS_PERIOD_S``. Returns False at ``deadline`` (monotonic seconds; None = never)."""
-    if cond():
-        return True
+    """Waits until ``ctl[word] != seen``: spins for ``spin_s`` (batches of plain reads of the
+    word, a clock read and, unless disabled, a ``sched_yield`` between batches), then sleeps on
+    the word's futex, announcing itself in ``wait_word``, at most :data:`MAX_SLEEP_S` per sleep.
+    Once past the spin, ``check()`` (which may raise) runs at least every ``_LIVENESS_PERIOD_S``.
+    False at ``deadline`` (monotonic seconds; None = never) with the word unchanged."""
+    ctl = seg.ctl
     now = time.monotonic
     t = now()
-    end_spin = t + spin_s
-    n = 0
-    while True:
-        if cond():
-            return True
-        n += 1
-        if n & 31 == 0:
+    if spin_s > 0:
+        end = t + spin_s
+        while True:
+            for _ in _SPIN_READS:
+                if ctl[word] != seen:
+                    return True
             t = now()
-            if t >= end_spin:
+            if t >= end:
                 break
             if _SPIN_YIELD:
                 os.sched_yield()  # lets the peer run here when the cores are oversubscribed
     next_check = t
-    ctl = seg.ctl
-    addr = seg.base + 8 * futex_word
+    addr = seg.base + 8 * word
     while True:
         if t >= next_check:
             check()
             next_check = t + _LIVENESS_PERIOD_S
         if deadline is not None and t >= deadline:
-            return cond()
-        seen = ctl[futex_word]
+            return ctl[word] != seen
         ctl[wait_word] = 1
-        seg.fence(t + 1.0)  # full barrier on x86 between the flag store and the re-check
-        if cond():
+        seg.fence(1.0)  # the flag store before the re-read (see _Seg.store2)
+        if ctl[word] != seen:
             ctl[wait_word] = 0
             return True
         nap = MAX_SLEEP_S if deadline is None else max(min(MAX_SLEEP_S, deadline - t), 0.0)
         _futex_wait(addr, seen, nap)
         ctl[wait_word] = 0
-        if cond():
+        if ctl[word] != seen:
             return True
         t = now()
 
@@ -644,6 +715,11 @@ def _deadline(timeout: float | None) -> float | None:
     if timeout < 0 or math.isnan(timeout):
         raise ValueError(f"timeout must be >= 0, got {timeout!r}")
     return time.monotonic() + timeout
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:  # negative or NaN
+        raise ValueError(f"timeout must be >= 0, got {timeout!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -682,12 +758,35 @@ class Arrival:
         return f"Arrival(seq={self.seq}, meta={len(self.meta)} bytes, payload={n} bytes)"
 
 
+class _Mapped:
+    """A grown segment mapped on one end: generation, size, mapping, a view of all of it, and
+    (sending end) its name until the receiver has mapped and unlinked it."""
+
+    __slots__ = ("gen", "cap", "mm", "view", "name")
+
+    def __init__(self, gen: int, cap: int, mm: mmap.mmap, name: str = "") -> None:
+        self.gen = gen
+        self.cap = cap
+        self.mm = mm
+        self.view = memoryview(mm)
+        self.name = name
+
+    def close(self) -> None:
+        """Unmaps now, or with the last view of it still alive."""
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+
+
 class RecvRing:
     """The receiving end: creates the shared segment and hands out hops in order.
 
     ``slots`` slots of ``slot_bytes`` (rounded up to a page) plus a ``meta_bytes`` area each;
     ``max_hop_bytes`` bounds what a grown slot may be (a corrupt control block cannot make the
-    receiver map more). ``spin_us`` is the busy-wait before sleeping.
+    receiver map more); ``grow_budget`` is the bytes the ring's grown segments may hold together
+    (see "Memory bound" in the module doc). ``spin_us`` is the busy-wait before sleeping.
     """
 
     def __init__(
@@ -698,6 +797,7 @@ class RecvRing:
         meta_bytes: int = 64 << 10,
         timeout: float | None = None,
         max_hop_bytes: int = DEFAULT_MAX_HOP_BYTES,
+        grow_budget: int = DEFAULT_GROW_BUDGET,
         spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         for k, v, lo, hi in (
@@ -705,6 +805,7 @@ class RecvRing:
             ("slot_bytes", slot_bytes, 1, 1 << 40),
             ("meta_bytes", meta_bytes, 0, MAX_META_BYTES),
             ("max_hop_bytes", max_hop_bytes, 0, 1 << 48),
+            ("grow_budget", grow_budget, 0, 1 << 48),
         ):
             if type(v) is not int or not lo <= v <= hi:
                 raise ValueError(f"RecvRing {k} must be an int in [{lo}, {hi}], got {v!r}")
@@ -714,6 +815,7 @@ class RecvRing:
         self.slots = slots
         self.timeout = timeout
         self.max_hop_bytes = max_hop_bytes
+        self.grow_budget = grow_budget
         self.meta_bytes = meta_bytes
         self.spin_s = max(float(spin_us), 0.0) * 1e-6
         self._geo = geo = _Geometry.of(slots, slot_bytes, meta_bytes)
@@ -733,6 +835,7 @@ class RecvRing:
             (H_DATA_OFF, geo.data_off),
             (H_TOTAL, geo.total),
             (H_MAX_HOP, max_hop_bytes),
+            (H_GROW_BUDGET, grow_budget),
             (H_RECV_PID, pid),
             (H_RECV_START, start),
             (H_RECV_STATE, OPEN),
@@ -745,12 +848,17 @@ class RecvRing:
         ctl[H_MAGIC] = MAGIC
         self._next = 1
         self._held: dict[int, tuple[int, weakref.ref]] = {}
-        self._ext: list[tuple[int, int, mmap.mmap] | None] = [None] * slots
+        self._ext: list[_Mapped | None] = [None] * slots
+        self._retired = 0  # the sender's retire count as last acted on
         self._lock = threading.Lock()
         self._held_lock = threading.RLock()  # weakref callbacks may run inside wait()
         self._closed = False
         self._sender: tuple[int, int] | None = None
         self._ackn = 0
+        self._me = weakref.ref(self)
+        self._acks_addr = seg.base + 8 * H_ACKS
+        self._fenced = 0  # a tail read before this end's last lock/unlock: hops up to it are safe
+        self._deferred: list[tuple[int, int]] = []  # acks whose store found the lock held
 
     # -- peer state
 
@@ -796,32 +904,40 @@ class RecvRing:
 
     def wait(self, timeout: float | None = None, *, what: str | None = None) -> Arrival:
         """The next hop in order. ``what`` names the step in errors (default ``hop seq N``)."""
+        t = self.timeout if timeout is None else timeout
+        if t is not None and not t >= 0:
+            _check_timeout(t)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"shm ring {self.name} is closed")
+            if self._deferred:
+                self._flush_deferred()
             seq = self._next
-            step = what or f"hop seq {seq}"
-            t = self.timeout if timeout is None else timeout
-            deadline = _deadline(t)
+            if seq <= self._fenced:  # published before this end's last fence: readable now
+                return self._take(seq, what)
             seg = self._seg
             ctl = seg.ctl
-            ok = _wait_for(
-                lambda: ctl[H_TAIL] >= seq,
-                seg,
-                H_RWAIT,
-                H_TAIL,
-                deadline,
-                self.spin_s,
-                lambda: self._check(seq, f"waiting for {step}"),
-            )
-            if not ok:
-                self._check(seq, f"waiting for {step}")
-                raise TimeoutError(
-                    f"shm ring {self.name}: waiting for {step} from {self._who()} "
-                    f"timed out after {t} s (last published seq {ctl[H_TAIL]}, "
-                    f"this end holds {len(self._held)} of {self.slots} slots)"
-                )
-            if not seg.fence(time.monotonic() + 1.0):
+            seen = ctl[H_TAIL]
+            if seen < seq:  # the tail is at seq - 1: any move of it publishes seq
+                step = what or f"hop seq {seq}"
+                if not _wait_change(
+                    seg,
+                    H_TAIL,
+                    seen,
+                    H_RWAIT,
+                    _deadline(t),
+                    self.spin_s,
+                    lambda: self._check(seq, f"waiting for {step}"),
+                ):
+                    self._check(seq, f"waiting for {step}")
+                    raise TimeoutError(
+                        f"shm ring {self.name}: waiting for {step} from {self._who()} "
+                        f"timed out after {t} s (last published seq {ctl[H_TAIL]}, "
+                        f"this end holds {len(self._held)} of {self.slots} slots)"
+                    )
+            tail = ctl[H_TAIL]
+            if not seg.fence(1.0):
+                step = what or f"hop seq {seq}"
                 peer = self._peer()
                 if peer is not None and not _alive(*peer):
                     sweep_stale()
@@ -833,115 +949,149 @@ class RecvRing:
                     f"shm ring {self.name}: spinlock held for over 1 s while "
                     f"reading {step} ({self._who()})"
                 )
-            return self._take(seq, step)
+            self._fenced = tail if seq <= tail < seq + self.slots else 0  # else _take refuses it
+            return self._take(seq, what)
 
-    def _take(self, seq: int, step: str) -> Arrival:
-        seg, geo = self._seg, self._geo
-        ctl = seg.ctl
+    def _bad(self, seq: int, what: str | None, msg: str) -> CorruptRing:
+        return CorruptRing(
+            f"shm ring {self.name}: corrupt control block reading {what or f'hop seq {seq}'} "
+            f"from {self._who()}: {msg}"
+        )
 
-        def bad(msg: str) -> CorruptRing:
-            return CorruptRing(
-                f"shm ring {self.name}: corrupt control block reading {step} "
-                f"from {self._who()}: {msg}"
-            )
-
+    def _take(self, seq: int, what: str | None) -> Arrival:
+        seg = self._seg
+        ctl, desc, slots = seg.ctl, seg.desc, self.slots
         if self._sender is None:
             self._peer()
         tail = ctl[H_TAIL]
-        if not seq <= tail <= seq - 1 + self.slots:
-            raise bad(f"tail {tail} outside [{seq}, {seq - 1 + self.slots}]")
-        slot = seg.queue[(seq - 1) % self.slots]
-        if slot >= self.slots:
-            raise bad(f"queue entry names slot {slot} of {self.slots}")
-        if slot in self._held:
-            raise bad(
-                f"queue entry names slot {slot}, still held by hop seq "
-                f"{self._held[slot][0]} on this end"
+        if not seq <= tail < seq + slots:
+            raise self._bad(seq, what, f"tail {tail} outside [{seq}, {seq - 1 + slots}]")
+        slot = seg.queue[(seq - 1) % slots]
+        if slot >= slots:
+            raise self._bad(seq, what, f"queue entry names slot {slot} of {slots}")
+        held = self._held
+        if slot in held:
+            raise self._bad(
+                seq,
+                what,
+                f"queue entry names slot {slot}, still held by hop seq {held[slot][0]} on this end",
             )
-        pub = seg.d(slot, D_PUB)
+        b = slot * _DW
+        pub = desc[b + D_PUB]
         if pub != seq:
-            raise bad(f"slot {slot} carries seq {pub}")
-        nbytes, mlen, gen = seg.d(slot, D_NBYTES), seg.d(slot, D_MLEN), seg.d(slot, D_GEN)
+            raise self._bad(seq, what, f"slot {slot} carries seq {pub}")
+        nbytes, mlen, ext = desc[b + D_NBYTES], desc[b + D_MLEN], desc[b + D_EXT_BYTES]
         if mlen > self.meta_bytes:
-            raise bad(f"meta length {mlen} > meta_bytes {self.meta_bytes}")
-        if gen == 0:
-            mm, off, cap = seg.mm, geo.data_off + slot * geo.slot_bytes, geo.slot_bytes
+            raise self._bad(seq, what, f"meta length {mlen} > meta_bytes {self.meta_bytes}")
+        if ctl[H_RETIRED] != self._retired:
+            self._drop_retired()
+        if ext == 0:
+            if self._ext[slot] is not None:
+                self._drop_ext(slot)
+            view, cap = seg.view, self.slot_bytes
+            off = self._geo.data_off + slot * cap
         else:
-            mm, cap = self._ext_map(slot, gen, bad), None
-            off, cap = 0, len(mm)
+            m = self._ext_map(slot, desc[b + D_GEN], ext, seq, what)
+            view, cap, off = m.view, m.cap, 0
         if nbytes > cap:
-            raise bad(f"payload length {nbytes} > slot {slot}'s {cap} bytes")
-        moff = geo.meta_off + slot * geo.meta_bytes
-        meta = bytes(seg.mm[moff : moff + mlen])
+            raise self._bad(seq, what, f"payload length {nbytes} > slot {slot}'s {cap} bytes")
+        moff = self._geo.meta_off + slot * self._geo.meta_bytes
+        meta = seg.mm[moff : moff + mlen] if mlen else b""
         if nbytes == 0:
             payload = torch.empty(0, dtype=torch.uint8)
             self._next = seq + 1
             ctl[H_HEAD] = seq
-            self._ack(slot, seq)
-        else:
-            mv = memoryview(mm)[off : off + nbytes]
-            payload = torch.frombuffer(mv, dtype=torch.uint8)
-            me = weakref.ref(self)
             with self._held_lock:
-                self._held[slot] = (
-                    seq,
-                    weakref.ref(mv, lambda _r, s=slot, q=seq: _on_dead(me, s, q)),
-                )
+                self._ack(slot, seq)
+        else:
+            mv = view[off : off + nbytes]
+            payload = torch.frombuffer(mv, dtype=torch.uint8)
+            me = self._me
+            with self._held_lock:
+                held[slot] = (seq, weakref.ref(mv, lambda _r, s=slot, q=seq: _on_dead(me, s, q)))
             del mv
             self._next = seq + 1
             ctl[H_HEAD] = seq
         return Arrival(seq, meta, payload, self, slot)
 
-    def _ext_map(self, slot: int, gen: int, bad) -> mmap.mmap:
+    def _ext_map(self, slot: int, gen: int, want: int, seq: int, what: str | None) -> _Mapped:
         have = self._ext[slot]
-        if have is not None and have[0] == gen:
-            return have[2]
-        if have is not None and gen < have[0]:
-            raise bad(f"slot {slot}'s generation went back from {have[0]} to {gen}")
-        want = self._seg.d(slot, D_EXT_BYTES)
+        if have is not None:
+            if have.gen == gen:
+                return have
+            if gen < have.gen:
+                raise self._bad(
+                    seq, what, f"slot {slot}'s generation went back from {have.gen} to {gen}"
+                )
         if not 0 < want <= _grow_size(self.max_hop_bytes):
-            raise bad(f"slot {slot} grown to {want} bytes, limit {self.max_hop_bytes}")
+            raise self._bad(
+                seq, what, f"slot {slot} grown to {want} bytes, limit {self.max_hop_bytes}"
+            )
         raw = self._seg.ext_name(slot)
         try:
             name = raw.decode("ascii")
             _path(name)
         except (UnicodeDecodeError, ValueError):
-            raise bad(f"slot {slot} names segment {raw!r}, not a pipepack name") from None
+            raise self._bad(
+                seq, what, f"slot {slot} names segment {raw!r}, not a pipepack name"
+            ) from None
         peer = self._sender
         m = _NAME_RE.match(name)
         if peer is None or int(m.group(1)) != peer[0]:
-            raise bad(f"slot {slot}'s segment {name} was not created by the attached sender")
+            raise self._bad(
+                seq, what, f"slot {slot}'s segment {name} was not created by the attached sender"
+            )
         try:
             mm, size = _open(name)
         except FileNotFoundError:
-            raise bad(f"slot {slot}'s segment {name} does not exist") from None
+            raise self._bad(seq, what, f"slot {slot}'s segment {name} does not exist") from None
         if size != want:
             mm.close()
-            raise bad(f"slot {slot}'s segment {name} has {size} bytes, descriptor says {want}")
+            raise self._bad(
+                seq, what, f"slot {slot}'s segment {name} has {size} bytes, descriptor says {want}"
+            )
         _unlink(name)  # both ends have it mapped now
-        old = self._ext[slot]
-        self._ext[slot] = (gen, want, mm)
-        if old is not None:
-            try:
-                old[2].close()
-            except BufferError:
-                pass
-        return mm
+        self._drop_ext(slot)
+        new = self._ext[slot] = _Mapped(gen, want, mm)
+        return new
+
+    def _drop_ext(self, slot: int) -> None:
+        m, self._ext[slot] = self._ext[slot], None
+        if m is not None:
+            m.close()
+
+    def _drop_retired(self) -> None:
+        """The sender retired grown segments: unmap the ones this end still maps (a segment
+        a live view reads goes with the last such view)."""
+        seg = self._seg
+        self._retired = seg.ctl[H_RETIRED]
+        for slot, m in enumerate(self._ext):
+            if m is not None and slot not in self._held and seg.desc[slot * _DW + D_GEN] != m.gen:
+                self._drop_ext(slot)
 
     def _ack(self, slot: int, seq: int) -> None:
+        """Gives hop ``seq``'s slot back to the sender; the caller holds ``_held_lock``.
+
+        When the spinlock stays held for a second the ack is kept for the next ``wait()`` (a
+        view's last reference can die inside this thread's own lock section, from a garbage
+        collection there: spinning would never succeed, dropping the ack would lose the slot)."""
+        if self._closed:
+            return
+        seg = self._seg
+        n = self._ackn + 1
+        waiting = seg.store2(seg.desc, slot * _DW + D_ACK, seq, seg.ctl, H_ACKS, n, H_SWAIT)
+        if waiting < 0:
+            self._deferred.append((slot, seq))
+            return
+        self._ackn = n
+        if waiting:
+            _futex_wake(self._acks_addr)
+
+    def _flush_deferred(self) -> None:
         with self._held_lock:
-            seg = self._seg
-            if self._closed:
-                return
-            self._ackn += 1
-            t = time.monotonic() + 1.0
-            seg.locked_store(
-                [(seg.desc, slot * (DESC_BYTES // 8) + D_ACK, seq), (seg.ctl, H_ACKS, self._ackn)],
-                t,
-            )
-            seg.fence(t)  # the ack stores before the load of the sender's wait flag
-            if seg.ctl[H_SWAIT]:
-                _futex_wake(seg.base + 8 * H_ACKS)
+            pending, self._deferred = self._deferred, []
+            for slot, seq in pending:
+                self._ack(slot, seq)
 
     def _free(self, slot: int, seq: int) -> None:
         with self._held_lock:
@@ -962,7 +1112,7 @@ class RecvRing:
             seg = self._seg
             try:
                 seg.ctl[H_RECV_STATE] = CLOSED
-                _futex_wake(seg.base + 8 * H_ACKS)
+                _futex_wake(self._acks_addr)
             except ValueError:
                 pass
             self._closed = True
@@ -970,9 +1120,10 @@ class RecvRing:
             # grown segments published but never mapped here
             if seg.desc is not None and self._sender is not None:
                 for slot in range(self.slots):
-                    gen = seg.d(slot, D_GEN)
                     have = self._ext[slot]
-                    if gen and (have is None or have[0] != gen):
+                    if seg.d(slot, D_EXT_BYTES) and (
+                        have is None or have.gen != seg.d(slot, D_GEN)
+                    ):
                         try:
                             name = seg.ext_name(slot).decode("ascii")
                             m = _NAME_RE.match(name)
@@ -981,7 +1132,8 @@ class RecvRing:
                         except (UnicodeDecodeError, ValueError):
                             pass
             self._held.clear()
-            self._ext = [None] * self.slots
+            for slot in range(self.slots):
+                self._drop_ext(slot)
             seg.close()
             sweep_stale()
 
@@ -1052,7 +1204,7 @@ class SendRing:
             if ctl[H_RECV_STATE] != OPEN or not _alive(self.recv_pid, self._recv_start):
                 raise PeerGone(f"shm ring {name}: receiver pid {self.recv_pid} is gone or closed")
             pid, start, _ = _me()
-            if not seg.fence(time.monotonic() + 1.0):
+            if not seg.fence(1.0):
                 raise CorruptRing(f"shm ring {name}: spinlock stuck while attaching")
             if ctl[H_SEND_STATE] != 0:
                 raise RuntimeError(f"shm ring {name} already has a sender (pid {ctl[H_SEND_PID]})")
@@ -1070,15 +1222,23 @@ class SendRing:
         self.slot_bytes = geo.slot_bytes
         self.meta_bytes = ctl[H_META_BYTES]
         self.max_hop_bytes = ctl[H_MAX_HOP]
+        self.grow_budget = ctl[H_GROW_BUDGET]
         self._next = 1
-        self._pub = [0] * geo.slots  # last seq published per slot (own record)
+        self._free = list(range(geo.slots))  # acknowledged and not reserved
+        self._inflight: dict[int, int] = {}  # slot -> hop seq published there, not yet acked
         self._reserved: set[int] = set()
-        # slot -> (gen, capacity, mapping, name, first seq published with it or 0)
-        self._ext: list[tuple[int, int, mmap.mmap, str, int] | None] = [None] * geo.slots
+        self._caps = [geo.slot_bytes] * geo.slots  # bytes a hop may have in each slot
+        self._ext: list[_Mapped | None] = [None] * geo.slots  # grown segments
+        self._grown = 0  # their bytes together
         self._gen = [0] * geo.slots
+        self._retired = 0
+        self._fresh = [False] * geo.slots  # freed (ack seen) since this end's last lock/unlock
+        # per slot: (n, the payload tensor of its last n-byte reservation), reused for n again
+        self._pay: list[tuple[int, torch.Tensor] | None] = [None] * geo.slots
         self._lock = threading.Lock()
         self._closed = False
         self._last_check = time.monotonic()
+        self._tail_addr = seg.base + 8 * H_TAIL
 
     @staticmethod
     def _validate(ctl: memoryview, size: int) -> _Geometry:
@@ -1091,10 +1251,11 @@ class SendRing:
             and 0 < slot_b <= 1 << 40
             and slot_b % PAGE == 0
             and meta_b <= MAX_META_BYTES
+            and ctl[H_GROW_BUDGET] <= 1 << 48
         ):
             raise CorruptRing(
-                f"shm ring geometry out of range: slots={slots} "
-                f"slot_bytes={slot_b} meta_bytes={meta_b}"
+                f"shm ring geometry out of range: slots={slots} slot_bytes={slot_b} "
+                f"meta_bytes={meta_b} grow_budget={ctl[H_GROW_BUDGET]}"
             )
         geo = _Geometry.of(slots, slot_b, meta_b)
         got = (ctl[H_QUEUE_OFF], ctl[H_DESC_OFF], ctl[H_META_OFF], ctl[H_DATA_OFF], ctl[H_TOTAL])
@@ -1107,16 +1268,13 @@ class SendRing:
 
     # -- peer state
 
-    def _check(self, what: str, force: bool = True) -> None:
+    def _check(self, what: str) -> None:
         ctl = self._seg.ctl
         if ctl[H_RECV_STATE] == CLOSED:
             raise PeerGone(
                 f"shm ring {self.name}: {what}: receiver pid {self.recv_pid} closed the ring"
             )
-        now = time.monotonic()
-        if not force and now - self._last_check < _LIVENESS_PERIOD_S:
-            return
-        self._last_check = now
+        self._last_check = time.monotonic()
         if not _alive(self.recv_pid, self._recv_start):
             self._unlink_pending()
             sweep_stale()
@@ -1125,23 +1283,118 @@ class SendRing:
                 f"(process exited or was killed)"
             )
 
-    def _free_slots(self) -> list[int]:
-        seg = self._seg
-        return [
-            i
-            for i in range(self.slots)
-            if i not in self._reserved and seg.d(i, D_ACK) == self._pub[i]
-        ]
+    # -- slots and grown segments
 
-    def _cap(self, slot: int) -> int:
-        e = self._ext[slot]
-        return self.slot_bytes if e is None else e[1]
+    def _refresh(self) -> None:
+        """Moves the slots whose hops the receiver acknowledged to the free list."""
+        inflight = self._inflight
+        if not inflight:
+            return
+        desc = self._seg.desc
+        for s, q in list(inflight.items()):
+            if desc[s * _DW + D_ACK] == q:
+                del inflight[s]
+                self._free.append(s)
+                self._fresh[s] = True
+                m = self._ext[s]
+                if m is not None:
+                    m.name = ""  # the receiver took a hop in it: mapped and unlinked there
+
+    def _cls(self, n: int) -> int:
+        """Bytes of the segment a slot grows to for an ``n``-byte hop."""
+        return min(_grow_size(n), max(_grow_size(self.max_hop_bytes), n))
+
+    def _bound(self, n: int) -> tuple[int, int]:
+        """(segment class of an ``n``-byte hop or 0 when it fits a slot inline, the bytes all
+        grown segments may hold while reserving it: see "Memory bound" in the module doc)."""
+        c = self._cls(n) if n > self.slot_bytes else 0
+        m = c
+        free, caps, ext = self._free, self._caps, self._ext
+        for s in range(self.slots):
+            if ext[s] is not None and caps[s] > m and s not in free:
+                m = caps[s]
+        return c, max(self.grow_budget, 2 * m)
+
+    def _plan(self, n: int) -> tuple[int, Sequence[int], int] | None:
+        """Where an ``n``-byte hop goes: (slot, grown segments to retire first, bytes of the new
+        segment the slot gets or 0); None while it must wait for the receiver."""
+        free, caps = self._free, self._caps
+        if not free:
+            return None
+        if self._grown <= self.grow_budget:  # within the budget: nothing to retire
+            best, bc = -1, 0
+            for s in free:
+                c = caps[s]
+                if c >= n and (best < 0 or c < bc):
+                    best, bc = s, c
+            if best >= 0:
+                return best, (), 0
+        ext = self._ext
+        c, bound = self._bound(n)
+        fits = [s for s in free if caps[s] >= n and (ext[s] is None or caps[s] <= bound)]
+        total = self._grown
+        retire: list[int] = []
+        if fits:
+            slot, new = min(fits, key=caps.__getitem__), 0
+        else:  # the largest free slot gets a segment of the hop's class (or goes back inline)
+            slot, new = max(free, key=caps.__getitem__), c
+            if ext[slot] is not None:
+                retire.append(slot)
+                total -= caps[slot]
+            total += new
+        for s in sorted(free, key=caps.__getitem__, reverse=True):
+            if total <= bound:
+                break
+            if s != slot and ext[s] is not None:
+                retire.append(s)
+                total -= caps[s]
+        if new and total > bound:
+            return None
+        return slot, retire, new
+
+    def _retire(self, slot: int) -> None:
+        """The slot (free) drops its grown segment and is an inline slot again."""
+        m = self._ext[slot]
+        seg = self._seg
+        gen = self._gen[slot] + 1
+        seg.set_d(slot, D_EXT_BYTES, 0)
+        seg.set_ext_name(slot, "")
+        seg.set_d(slot, D_GEN, gen)
+        self._gen[slot] = gen
+        self._ext[slot] = None
+        self._pay[slot] = None
+        self._caps[slot] = self.slot_bytes
+        self._grown -= m.cap
+        self._retired += 1
+        seg.ctl[H_RETIRED] = self._retired
+        if m.name:  # never reached the receiver
+            _unlink(m.name)
+        m.close()
+
+    def _grow(self, slot: int, cap: int) -> None:
+        """The slot (free, inline) gets a segment of ``cap`` bytes of its own."""
+        name = _new_name()
+        mm = _create(name, cap)
+        gen = self._gen[slot] + 1
+        seg = self._seg
+        seg.set_d(slot, D_EXT_BYTES, cap)
+        seg.set_ext_name(slot, name)
+        seg.set_d(slot, D_GEN, gen)
+        self._gen[slot] = gen
+        self._ext[slot] = _Mapped(gen, cap, mm, name)
+        self._pay[slot] = None
+        self._caps[slot] = cap
+        self._grown += cap
+
+    def _step(self, n: int, what: str | None) -> str:
+        return what or f"reserving {n} bytes for hop seq {self._next}"
 
     def reserve(
         self, payload_nbytes: int, timeout: float | None = None, *, what: str | None = None
     ) -> Reservation:
         """Waits (bounded) for a free slot that fits ``payload_nbytes``; a slot grows when none
-        does. Raises TimeoutError naming how many slots the receiver still holds."""
+        does, within the ring's memory bound. Raises TimeoutError naming how many slots the
+        receiver still holds."""
         n = payload_nbytes
         if type(n) is not int or n < 0:
             raise ValueError(f"payload_nbytes must be a non-negative int, got {n!r}")
@@ -1150,132 +1403,148 @@ class SendRing:
                 f"shm ring {self.name}: a hop of {n} bytes exceeds the receiver's "
                 f"limit of {self.max_hop_bytes} bytes"
             )
-        step = what or f"reserving {n} bytes for hop seq {self._next}"
         t = self.timeout if timeout is None else timeout
-        deadline = _deadline(t)
+        if t is not None and not t >= 0:
+            _check_timeout(t)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"shm ring {self.name} is closed (sender side)")
-            self._check(step, force=False)
-            seg = self._seg
-            free: list[int] = self._free_slots()
-
-            def cond() -> bool:
-                free[:] = self._free_slots()
-                return bool(free)
-
-            if not free and not _wait_for(
-                cond, seg, H_SWAIT, H_ACKS, deadline, self.spin_s, lambda: self._check(step)
+            if (
+                self._seg.ctl[H_RECV_STATE] == CLOSED
+                or time.monotonic() - self._last_check >= _LIVENESS_PERIOD_S
             ):
-                self._check(step)
-                held = [
-                    self._pub[i]
-                    for i in range(self.slots)
-                    if i not in self._reserved and seg.d(i, D_ACK) != self._pub[i]
-                ]
-                raise TimeoutError(
-                    f"shm ring {self.name}: {step} timed out after {t} s: the receiver (pid "
-                    f"{self.recv_pid}) still holds {len(held)} of {self.slots} slots (hop seqs "
-                    f"{sorted(held)}; it has taken up to hop seq {seg.ctl[H_HEAD]}), "
-                    f"{len(self._reserved)} reserved unpublished on this end"
-                )
-            if not seg.fence(time.monotonic() + 1.0):
-                self._check(step)
-                raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
-            fits = [i for i in free if self._cap(i) >= n]
-            if fits:
-                slot = min(fits, key=self._cap)
+                self._check(self._step(n, what))
+            if self._inflight:
+                self._refresh()
+            plan = self._plan(n)
+            if plan is None:
+                plan = self._wait_plan(n, t, what)
+            slot, retire, new = plan
+            seg = self._seg
+            fresh = self._fresh
+            if fresh[slot] or (retire and any(fresh[s] for s in retire)):
+                # the receiver's acks seen so far happen before this end's writes to the slots
+                if not seg.fence(1.0):
+                    step = self._step(n, what)
+                    self._check(step)
+                    raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
+                self._fresh = [False] * self.slots
+            for s in retire:
+                self._retire(s)
+            if new:
+                self._grow(slot, new)
+            pay = self._pay[slot]
+            if pay is not None and pay[0] == n:  # the same bytes as the slot's last hop
+                payload = pay[1]
             else:
-                slot = max(free, key=self._cap)
-                self._grow(slot, n)
-            self._settle(slot)
-            e = self._ext[slot]
-            if n == 0:
-                payload = torch.empty(0, dtype=torch.uint8)
-            elif e is None:
-                off = self._geo.data_off + slot * self.slot_bytes
-                payload = torch.frombuffer(memoryview(seg.mm)[off : off + n], dtype=torch.uint8)
-            else:
-                payload = torch.frombuffer(memoryview(e[2])[:n], dtype=torch.uint8)
+                m = self._ext[slot]
+                if n == 0:
+                    payload = torch.empty(0, dtype=torch.uint8)
+                elif m is None:
+                    off = self._geo.data_off + slot * self.slot_bytes
+                    payload = torch.frombuffer(seg.view[off : off + n], dtype=torch.uint8)
+                else:
+                    payload = torch.frombuffer(m.view[:n], dtype=torch.uint8)
+                self._pay[slot] = (n, payload)
+            self._free.remove(slot)
             self._reserved.add(slot)
             return Reservation(payload, n, slot, self)
 
-    def _settle(self, slot: int) -> None:
-        # a grown segment the receiver acked a hop of has been mapped (and unlinked) there
-        e = self._ext[slot]
-        if e is not None and e[4] and self._seg.d(slot, D_ACK) >= e[4] and e[3]:
-            self._ext[slot] = (e[0], e[1], e[2], "", e[4])
-
-    def _grow(self, slot: int, n: int) -> None:
-        cap = min(_grow_size(n), max(_grow_size(self.max_hop_bytes), n))
-        name = _new_name()
-        mm = _create(name, cap)
-        gen = self._gen[slot] + 1
-        old = self._ext[slot]
+    def _wait_plan(
+        self, n: int, t: float | None, what: str | None
+    ) -> tuple[int, Sequence[int], int]:
+        """Waits for the receiver's acknowledgements until the hop has a place (see _plan)."""
+        step = self._step(n, what)
+        deadline = _deadline(t)
         seg = self._seg
-        seg.set_d(slot, D_EXT_BYTES, cap)
-        seg.set_ext_name(slot, name)
-        seg.set_d(slot, D_GEN, gen)
-        self._gen[slot] = gen
-        self._ext[slot] = (gen, cap, mm, name, 0)
-        if old is not None:
-            if old[3]:
-                _unlink(old[3])
-            try:
-                old[2].close()
-            except BufferError:
-                pass
+        ctl = seg.ctl
+        while True:
+            seen = ctl[H_ACKS]
+            if not seg.fence(1.0):
+                self._check(step)
+                raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
+            self._refresh()  # every acknowledgement up to `seen` is visible after the fence
+            plan = self._plan(n)
+            if plan is not None:
+                return plan
+            if not _wait_change(
+                seg, H_ACKS, seen, H_SWAIT, deadline, self.spin_s, lambda: self._check(step)
+            ):
+                self._check(step)
+                if ctl[H_ACKS] != seen:
+                    continue
+                held = sorted(self._inflight.values())
+                msg = (
+                    f"shm ring {self.name}: {step} timed out after {t} s: the receiver (pid "
+                    f"{self.recv_pid}) still holds {len(held)} of {self.slots} slots (hop seqs "
+                    f"{held}; it has taken up to hop seq {ctl[H_HEAD]}), "
+                    f"{len(self._reserved)} reserved unpublished on this end"
+                )
+                if self._free:
+                    c, bound = self._bound(n)
+                    busy = sum(
+                        m.cap
+                        for s, m in enumerate(self._ext)
+                        if m is not None and s not in self._free
+                    )
+                    msg += (
+                        f"; a free slot would need a segment of {c} bytes, which next to the "
+                        f"{busy} bytes of grown segments in flight exceeds the ring's memory "
+                        f"bound of {bound} bytes (grow_budget {self.grow_budget})"
+                    )
+                raise TimeoutError(msg)
 
     def publish(self, r: Reservation, meta: bytes = b"") -> None:
         """Makes the hop visible: meta, lengths and queue entry, then seq (see module doc)."""
-        meta = bytes(meta)
+        if type(meta) is not bytes:
+            meta = bytes(meta)
         with self._lock:
             if r._ring is not self or r._state != "reserved":
                 raise ValueError(f"{r!r} is not an open reservation of this ring")
-            if len(meta) > self.meta_bytes:
+            mlen = len(meta)
+            if mlen > self.meta_bytes:
                 raise ValueError(
-                    f"meta of {len(meta)} bytes exceeds the ring's meta_bytes {self.meta_bytes}"
+                    f"meta of {mlen} bytes exceeds the ring's meta_bytes {self.meta_bytes}"
                 )
-            seg, geo, slot = self._seg, self._geo, r._slot
-            seq = self._next
-            step = f"publishing hop seq {seq}"
-            ctl = seg.ctl
-            self._check(step, force=False)
-            now = time.monotonic()
-            moff = geo.meta_off + slot * geo.meta_bytes
-            seg.mm[moff : moff + len(meta)] = meta
-            seg.set_d(slot, D_NBYTES, r.nbytes)
-            seg.set_d(slot, D_MLEN, len(meta))
-            seg.queue[(seq - 1) % self.slots] = slot
-            if not seg.locked_store(
-                [(seg.desc, slot * (DESC_BYTES // 8) + D_PUB, seq), (ctl, H_TAIL, seq)], now + 1.0
+            seg, slot, seq = self._seg, r._slot, self._next
+            if (
+                seg.ctl[H_RECV_STATE] == CLOSED
+                or time.monotonic() - self._last_check >= _LIVENESS_PERIOD_S
             ):
+                self._check(f"publishing hop seq {seq}")
+            if mlen:
+                moff = self._geo.meta_off + slot * self._geo.meta_bytes
+                seg.mm[moff : moff + mlen] = meta
+            desc, b = seg.desc, slot * _DW
+            desc[b + D_NBYTES] = r.nbytes
+            desc[b + D_MLEN] = mlen
+            seg.queue[(seq - 1) % self.slots] = slot
+            waiting = seg.store2(desc, b + D_PUB, seq, seg.ctl, H_TAIL, seq, H_RWAIT)
+            if waiting < 0:
+                step = f"publishing hop seq {seq}"
                 self._check(step)
                 raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
-            e = self._ext[slot]
-            if e is not None and e[4] == 0:
-                self._ext[slot] = (e[0], e[1], e[2], e[3], seq)
-            self._pub[slot] = seq
+            self._inflight[slot] = seq
             self._reserved.discard(slot)
             self._next = seq + 1
             r.seq = seq
             r._state = "published"
-            seg.fence(now + 1.0)  # the tail store before the load of the receiver's wait flag
-            if ctl[H_RWAIT]:
-                _futex_wake(seg.base + 8 * H_TAIL)
+            if waiting:
+                _futex_wake(self._tail_addr)
 
     def cancel(self, r: Reservation) -> None:
         """Gives back a reserved, unpublished slot."""
         with self._lock:
             if r._ring is self and r._state == "reserved":
                 self._reserved.discard(r._slot)
+                self._free.append(r._slot)
                 r._state = "cancelled"
                 r.payload = None
 
     def _unlink_pending(self) -> None:
-        for e in self._ext:
-            if e is not None and e[3]:
-                _unlink(e[3])
+        for m in self._ext:
+            if m is not None and m.name:
+                _unlink(m.name)
 
     def _linger(self, seconds: float) -> None:
         """Waits (bounded) until the receiver has mapped every grown segment of a published hop:
@@ -1285,7 +1554,12 @@ class SendRing:
         peer = (self.recv_pid, self._recv_start)
         while time.monotonic() < deadline and _alive(*peer):
             pending = [
-                e[3] for e in self._ext if e is not None and e[3] and os.path.exists(_path(e[3]))
+                m.name
+                for s, m in enumerate(self._ext)
+                if m is not None
+                and m.name
+                and s in self._inflight
+                and os.path.exists(_path(m.name))
             ]
             if not pending:
                 return
@@ -1306,17 +1580,15 @@ class SendRing:
             seg = self._seg
             try:
                 seg.ctl[H_SEND_STATE] = CLOSED
-                seg.fence(time.monotonic() + 0.1)
-                _futex_wake(seg.base + 8 * H_TAIL)
+                seg.fence(0.1)
+                _futex_wake(self._tail_addr)
             except ValueError:
                 pass
             self._unlink_pending()
-            for e in self._ext:
-                if e is not None:
-                    try:
-                        e[2].close()
-                    except BufferError:
-                        pass
+            self._pay = [None] * self.slots
+            for m in self._ext:
+                if m is not None:
+                    m.close()
             self._ext = [None] * self.slots
             seg.close()
             sweep_stale()

@@ -140,13 +140,19 @@ def test_bytes_exact_with_canaries_around_every_slot() -> None:
     rx.close()
 
 
-def test_order_and_bytes_over_thousands_of_hops_with_growth() -> None:
+@pytest.mark.parametrize("grow_budget", [shm.DEFAULT_GROW_BUDGET, 0])
+def test_order_and_bytes_over_thousands_of_hops_with_growth(grow_budget: int) -> None:
+    """grow_budget 0: at most two hops' worth of grown segments, so slots grow, are retired and
+    grow again all the time while the receiver holds an old view (and the current one only with
+    the default budget)."""
     hops, slot_bytes = 3000, 16 << 10
     rng = np.random.default_rng(0)
     sizes = rng.integers(0, 3 * slot_bytes, hops).tolist()
     sizes[::97] = [0] * len(sizes[::97])
     sizes[5] = 1 << 20
-    rx = shm.RecvRing(slots=3, slot_bytes=slot_bytes, meta_bytes=64, timeout=30)
+    rx = shm.RecvRing(
+        slots=3, slot_bytes=slot_bytes, meta_bytes=64, timeout=30, grow_budget=grow_budget
+    )
 
     def child(conn, name) -> None:
         tx = shm.SendRing(name, timeout=30)
@@ -162,6 +168,8 @@ def test_order_and_bytes_over_thousands_of_hops_with_growth() -> None:
         if i % 500 == 0:
             keep.append((a.payload[: min(n, 64)].clone(), a.payload[: min(n, 64)]))
         keep = keep[-1:]  # at most one old view held across later hops
+        if not grow_budget:
+            del a  # holding two hops while waiting for a third could exceed the bound: blocks
     for want, view in keep:
         assert torch.equal(want, view)
     _expect(conn, "done")
@@ -297,6 +305,203 @@ def test_oversize_hop_grows_a_slot_and_leaves_no_segment() -> None:
     assert _mine(os.getpid()) == []
 
 
+def _grown_mapped(*exclude: str) -> dict[int, int]:
+    """inode -> bytes of every pipepack segment this process maps (each counted once, however
+    many mappings), except the named ones."""
+    out: dict[int, int] = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 6 or "/pipepack-" not in parts[5]:
+                continue
+            if any(x in parts[5] for x in exclude):
+                continue
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            inode = int(parts[4])
+            out[inode] = max(out.get(inode, 0), hi - lo)
+    return out
+
+
+def test_grown_segments_stay_within_the_memory_bound() -> None:
+    """Varying big hops while the receiver keeps the previous one: what both ends map never
+    exceeds max(grow_budget, 2 x the largest hop's class), and every byte arrives."""
+    budget = 1 << 20
+    rx = shm.RecvRing(slots=4, slot_bytes=4096, meta_bytes=64, timeout=10, grow_budget=budget)
+    tx = shm.SendRing(rx.name, timeout=10)
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(100 << 10, 512 << 10, 200).tolist()
+    prev = None
+    peak = 0
+    for i, n in enumerate(sizes):
+        _send(tx, i + 1, int(n))
+        a = rx.wait()
+        _check(a, i + 1, int(n))
+        peak = max(peak, sum(_grown_mapped(rx.name).values()))
+        assert tx._grown <= max(budget, 2 * shm._grow_size(512 << 10))
+        prev = a  # held while the next hop is sent and received
+    assert prev is not None
+    assert peak <= budget, peak
+    del a, prev
+    tx.close()
+    rx.close()
+    assert _grown_mapped() == {}
+    assert _mine(os.getpid()) == []
+
+
+def test_big_hop_leaves_no_segment_behind_once_released() -> None:
+    """A hop far above the budget is possible while the receiver holds it, and a smaller hop
+    still goes through next to it; once released, the next reservation retires its segment and
+    the receiver unmaps it at its next hop."""
+    budget = 256 << 10
+    rx = shm.RecvRing(slots=3, slot_bytes=4096, meta_bytes=64, timeout=10, grow_budget=budget)
+    tx = shm.SendRing(rx.name, timeout=10)
+    big = 4 << 20
+    _send(tx, 1, big)
+    a = rx.wait()
+    _check(a, 1, big)
+    assert sorted(_grown_mapped(rx.name).values()) == [big]
+    _send(tx, 2, 100 << 10, timeout=0.5)  # next to the held 4 MiB: within 2 x 4 MiB
+    b = rx.wait()
+    _check(b, 2, 100 << 10)
+    _check(a, 1, big)
+    del a, b
+    _send(tx, 3, 100 << 10, timeout=0.5)
+    _check(rx.wait(), 3, 100 << 10)
+    assert max(_grown_mapped(rx.name).values()) < budget  # the 4 MiB segment is gone, both ends
+    assert tx._grown <= budget
+    tx.close()
+    rx.close()
+    assert _grown_mapped() == {}
+    assert _mine(os.getpid()) == []
+
+
+def test_memory_bound_back_pressure_then_proceeds() -> None:
+    """grow_budget 0: two 1 MiB hops may be in flight, a third waits for a release (with a
+    timeout that says so) although slots are free, and goes through once one is released."""
+    rx = shm.RecvRing(slots=4, slot_bytes=4096, meta_bytes=64, timeout=10, grow_budget=0)
+    tx = shm.SendRing(rx.name, timeout=10)
+    n = 1 << 20
+    _send(tx, 1, n)
+    _send(tx, 2, n)
+    a1, a2 = rx.wait(), rx.wait()
+    with pytest.raises(TimeoutError, match=r"still holds 2 of 4 slots.*memory bound of 2097152"):
+        tx.reserve(n, 0.2)
+    _send(tx, 3, 1000, timeout=0.5)  # a hop that fits a slot inline is not held back
+    _check(rx.wait(), 3, 1000)
+    del a1
+    _send(tx, 4, n, timeout=0.5)
+    _check(a2, 2, n)  # hop 4 went elsewhere than the held hop 2
+    _check(rx.wait(), 4, n)
+    del a2
+    tx.close()
+    rx.close()
+    assert _mine(os.getpid()) == []
+
+
+def test_memory_bound_back_pressure_across_processes() -> None:
+    """The sender (a child) waits on the bound until the receiver releases a hop."""
+    rx = shm.RecvRing(slots=4, slot_bytes=4096, meta_bytes=64, timeout=10, grow_budget=0)
+    n = 1 << 20
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name, timeout=10)
+        for seq in (1, 2):
+            _send(tx, seq, n)
+        t0 = time.monotonic()
+        _send(tx, 3, n, timeout=10)  # waits: the parent holds hops 1 and 2
+        conn.send(("waited", time.monotonic() - t0))
+        tx.close(linger=5)
+
+    p, conn = _child(child, rx.name)
+    a1, a2 = rx.wait(), rx.wait()
+    time.sleep(0.3)
+    del a1
+    waited = _expect(conn, "waited")
+    assert waited >= 0.2
+    _check(rx.wait(), 3, n)
+    _check(a2, 2, n)
+    del a2
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+    assert _mine(os.getpid(), p.pid) == []
+
+
+def test_views_of_a_force_released_hop_outlive_its_retired_segment() -> None:
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, meta_bytes=64, timeout=10, grow_budget=0)
+    tx = shm.SendRing(rx.name, timeout=10)
+    n = 300 << 10
+    _send(tx, 1, n)
+    a = rx.wait()
+    view = a.payload[1000:2000]
+    a.release(force=True)
+    del a
+    for seq in range(2, 6):  # inline hops: the free grown segment is retired at once
+        _send(tx, seq, 100)
+        _check(rx.wait(), seq, 100)
+    assert tx._grown == 0 and rx._ext == [None, None]
+    np.testing.assert_array_equal(view.numpy(), _pattern(1, n)[1000:2000])
+    assert len(_grown_mapped(rx.name)) == 1  # the view's mapping only
+    del view
+    assert _grown_mapped(rx.name) == {}
+    tx.close()
+    rx.close()
+
+
+def _one_way(conn, name, gap_s: float, hops: int) -> None:
+    tx = shm.SendRing(name, timeout=10)
+    for _ in range(hops):
+        time.sleep(gap_s)
+        r = tx.reserve(8)
+        tx.publish(r, time.perf_counter_ns().to_bytes(8, "little"))
+    tx.close()
+
+
+def test_a_sleeping_receiver_is_woken_at_once() -> None:
+    """No spin: the receiver sleeps on the futex before every hop; the wake-up is not lost (a lost
+    one costs a MAX_SLEEP_S nap)."""
+    rx = shm.RecvRing(slots=2, slot_bytes=4096, timeout=10, spin_us=0)
+    p, conn = _child(_one_way, rx.name, 0.03, 20)
+    lat = []
+    for _ in range(20):
+        a = rx.wait()
+        lat.append((time.perf_counter_ns() - int.from_bytes(a.meta, "little")) / 1e9)
+        del a
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+    assert sorted(lat)[len(lat) // 2] < shm.MAX_SLEEP_S / 4, lat
+
+
+def test_a_sleeping_sender_is_woken_at_once() -> None:
+    """No spin: a sender waiting for a slot sleeps on the futex; each release wakes it."""
+    rx = shm.RecvRing(slots=1, slot_bytes=4096, timeout=10)
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name, timeout=10, spin_us=0)
+        lat = []
+        for seq in range(1, 12):
+            _send(tx, seq, 10)  # waits for the parent to drop hop seq - 1
+            lat.append(time.perf_counter_ns())
+        conn.send(("lat", lat))
+        tx.close()
+
+    p, conn = _child(child, rx.name)
+    dropped = []
+    for seq in range(1, 12):
+        a = rx.wait()
+        _check(a, seq, 10)
+        time.sleep(0.03)
+        dropped.append(time.perf_counter_ns())
+        del a
+    lat = _expect(conn, "lat")
+    _expect(conn, "done")
+    _reap(p)
+    rx.close()
+    delays = sorted((w - d) / 1e9 for w, d in zip(lat[1:], dropped[:-1]))
+    assert delays[len(delays) // 2] < shm.MAX_SLEEP_S / 4, delays
+
+
 def test_close_unlinks_and_views_outlive_close() -> None:
     rx = shm.RecvRing(slots=2, slot_bytes=4096)
     assert _mine(os.getpid()) == [rx.name]
@@ -426,6 +631,8 @@ def test_bad_arguments() -> None:
         {"slot_bytes": 0},
         {"meta_bytes": -1},
         {"slots": 2.0},
+        {"grow_budget": -1},
+        {"grow_budget": 1 << 50},
     ):
         with pytest.raises(ValueError):
             shm.RecvRing(**kw)
@@ -550,6 +757,8 @@ def test_queue_entry_naming_a_held_slot_refused() -> None:
         ("H_SLOTS", 3, "does not match"),
         ("H_DATA_OFF", 1 << 40, "does not match"),
         ("H_MAGIC", 1, "not a pipepack ring"),
+        ("H_VERSION", 1, "not a pipepack ring"),
+        ("H_GROW_BUDGET", 1 << 50, "geometry out of range"),
     ],
 )
 def test_sender_refuses_corrupt_geometry(word, value, message) -> None:

@@ -116,20 +116,7 @@ def test_varying_token_counts_40_hops_rss_growth_per_side() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "transport",
-    [
-        "dist",
-        pytest.param(
-            "shm",
-            marks=pytest.mark.xfail(
-                reason="open: on the same-host ring the sender's RSS includes the peer's ring "
-                "slots it wrote, and grown slots do not shrink (up to 4 x the largest hop): "
-                "230-350 MiB measured against the 300 MiB target",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("transport", ["dist", "shm"])
 def test_varying_token_counts_200_hops_rss_growth_per_side(transport: str) -> None:
     """Issue 9: 200 hops, T in 1000..4000 drawn each hop, hidden 4096 bf16, 2 keys: RSS grows
     by at most 300 MiB per side."""
