@@ -299,7 +299,8 @@ class Link:
             self.recv_mode = "dist"
             return b""
         try:
-            # 4 slots of 1 MiB to start; a slot grows (once) when a hop does not fit
+            # 4 slots of 1 MiB; a bigger hop gets a grown segment, all of them together bounded
+            # by the ring's memory bound (pp/shm.py, "Memory bound")
             self._ring = shm.RecvRing(
                 slots=4, slot_bytes=1 << 20, meta_bytes=0, max_hop_bytes=self.head_limit_shm
             )
