@@ -117,7 +117,10 @@ def encode(
     limits: Limits,
     tp: TP | None,
     all_gather_tensors: Mapping[str, bool] | None,
+    wire: Mapping[str, tuple[int, torch.Tensor]] | None = None,
 ) -> Encoded:
+    """``wire``: per top-level tensor key, ``(wire code, the tensor whose bytes travel)``
+    (:mod:`pipepack.pp.wire.hop`); the header keeps the key's own dtype and dims."""
     if not isinstance(d, Mapping):
         raise TypeError(f"expected a dict of tensors and plain values, got {type(d).__name__}")
     keys_b: list[bytes] = []
@@ -173,6 +176,13 @@ def encode(
         )
     tensors = top + nested
     names = top_keys + nested_keys
+    codes = [0] * len(tensors)
+    srcs = tensors
+    if wire:
+        srcs = list(tensors)
+        for i, k in enumerate(top_keys):
+            if k in wire:
+                codes[i], srcs[i] = wire[k]
     world = tp.world if tp is not None else 1
     descs = []
     dims: list[int] = []
@@ -185,14 +195,15 @@ def encode(
             and world > 1
             and dev == tp.device_type
             and t.numel() % world == 0
+            and codes[i] in hop.SLICEABLE_WIRE
             and (all_gather_tensors is None or all_gather_tensors.get(k, True))
         )
         any_sliced |= s
-        descs.append(hop.tensor_desc_code(t, s, k))
+        descs.append(hop.tensor_desc_code(t, s, k, codes[i]))
         dims.extend(t.shape)
         e = by_dev.setdefault(dev, ([], [], []))
         e[0].append(i)
-        e[1].append((t.dtype, tuple(t.shape)))
+        e[1].append((srcs[i].dtype, tuple(srcs[i].shape)))
         e[2].append(s)
     accel = [dv for dv in by_dev if dv not in ("cpu", "meta")]
     if len(accel) > 1:
@@ -217,7 +228,7 @@ def encode(
             continue
         src = []
         for j in p.wire_order:
-            t = tensors[p.index[j]]
+            t = srcs[p.index[j]]
             if p.sliced[j]:
                 t = t.reshape(world, -1)[tp.rank]
             src.append(t)
@@ -233,6 +244,7 @@ def encode(
 class _Decoded:
     schema: hop.Schema
     parts: dict[str, Part]
+    wired: tuple[tuple[str, hop.TensorDesc], ...] = ()  # top-level keys with a wire code
 
 
 _SCHEMA_MEMO: dict[tuple[int, Limits, bytes], _Decoded] = {}
@@ -251,7 +263,7 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
     for i, t in enumerate(schema.tensors):
         e = by_dev.setdefault(t.device_type, ([], [], []))
         e[0].append(i)
-        e[1].append((t.dtype, t.shape))
+        e[1].append(t.wire_spec)
         e[2].append(t.sliced)
     parts = {}
     for dev, (index, specs, sliced) in by_dev.items():
@@ -266,7 +278,9 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
                         f"not divide by the sender's all-gather size {tp_world}"
                     )
         parts[dev] = part_for(dev, tuple(index), tuple(specs), tuple(sliced), tp_world)
-    dec = _Decoded(schema, parts)
+    top = [k for k, is_t in zip(schema.keys, schema.is_tensor) if is_t]
+    wired = tuple((k, t) for k, t in zip(top, schema.tensors) if t.wire)
+    dec = _Decoded(schema, parts, wired)
     with _MEMO_LOCK:
         if len(_SCHEMA_MEMO) >= 256:
             _SCHEMA_MEMO.pop(next(iter(_SCHEMA_MEMO)))
@@ -305,11 +319,24 @@ def decode(
     allow_pickle: bool,
     limits: Limits,
     tp: TP | None,
+    accept_wire: Callable[[tuple], None] | None = None,
 ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
-    """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly)."""
+    """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly).
+
+    A key with a wire code is handed out as the bytes that travelled, and only when
+    ``accept_wire`` takes ``dec.wired`` (it raises otherwise); without it such a hop is refused.
+    """
     schema = dec.schema
     if frame.flags & hop.F_PICKLED and not allow_pickle:
         raise WireError("the peer sent a pickled value but allow_pickle is False here")
+    if dec.wired:
+        if accept_wire is None:
+            k, t = dec.wired[0]
+            raise WireError(
+                f"key {k!r} travelled as {hop.WIRE_NAMES[t.wire]} (the sender's wire option); "
+                "this receiver takes plain tensors only (no accept_wire)"
+            )
+        accept_wire(dec.wired)
     if frame.tp_world > 1:
         if tp is None or tp.world != frame.tp_world:
             have = "no all_gather_group" if tp is None else f"an all_gather_group of {tp.world}"
