@@ -281,8 +281,8 @@ class PendingRecv:
             t = d.get(k)
             if not isinstance(t, torch.Tensor):
                 raise KeyError(f"key {k!r}: not a tensor of the received dict")
-            if k in wired:
-                continue
+            if k in wired and wired[k].wire != hop.WIRE_FOLD_SUM:
+                continue  # a fold sum travels in its own dtype: copied like any tensor
             groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(k)
         for (device, _), keys in groups.items():
             storage = d[keys[0]].untyped_storage()
@@ -300,7 +300,7 @@ class PendingRecv:
         for k in outs:
             v = outs[k]
             desc = wired.get(k)
-            if desc is None:
+            if desc is None or desc.wire == hop.WIRE_FOLD_SUM:
                 t = d[k]
                 d[k] = v if tuple(v.shape) == tuple(t.shape) else v[: t.shape[0]]
                 continue
@@ -320,10 +320,8 @@ class PendingRecv:
                 )
             if desc.wire in wirepack.FP8_CODES:
                 d[k] = wirepack.dequantize(d[k], desc, out=v)
-            elif desc.wire == hop.WIRE_FOLDED:
-                d[k] = v[:T].fill_(-0.0)
-            else:  # the fold sum travels in its own dtype
-                d[k] = v[:T].copy_(d[k])
+            else:  # the folded residual
+                d[k] = wirepack.fill_neg_zero(v[:T])
         self._result = d
         return d
 

@@ -175,12 +175,26 @@ def dequantize(
     return dequantize_fp8(buf, layout, 0, desc.dtype, out=out)
 
 
+_SIGN = {2: (torch.int16, -(1 << 15)), 4: (torch.int32, -(1 << 31))}
+
+
+def fill_neg_zero(t: torch.Tensor) -> torch.Tensor:
+    """Sets every element of ``t`` (bf16 / fp16 / fp32) to ``-0.0``; on CPU in this thread (a
+    torch fill of a large tensor goes to its intra-op pool)."""
+    if t.device.type != "cpu":
+        return t.fill_(-0.0)
+    idt, bits = _SIGN[t.element_size()]
+    if t.numel():
+        t.view(idt).numpy().fill(bits)
+    return t
+
+
 def restored(raw: torch.Tensor, desc: hop.TensorDesc) -> torch.Tensor:
     """What the sender's tensor of a key with a wire code was (fp8 keys: dequantised)."""
     if desc.wire in FP8_CODES:
         return dequantize(raw, desc)
     if desc.wire == hop.WIRE_FOLDED:
-        return torch.full(desc.shape, -0.0, dtype=desc.dtype, device=raw.device)
+        return fill_neg_zero(torch.empty(desc.shape, dtype=desc.dtype, device=raw.device))
     return raw
 
 
