@@ -96,8 +96,9 @@ def _next_pow2(n: int) -> int:
 
 def _row_blocks(T: int, H: int) -> list[tuple[int, int]]:
     """``(start, end)`` row ranges of a [T, H] operand whose intermediates (rows padded to a
-    power of two for the reduction tree) stay under :data:`_SERIAL_NUMEL` elements."""
-    step = max(1, _SERIAL_NUMEL // _next_pow2(max(H, 1)))
+    power of two for the reduction tree) stay under :data:`_SERIAL_NUMEL` elements (strictly:
+    at exactly that many torch still opens a parallel region)."""
+    step = max(1, (_SERIAL_NUMEL - 1) // _next_pow2(max(H, 1)))
     return [(a, min(a + step, T)) for a in range(0, T, step)]
 
 
