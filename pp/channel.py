@@ -385,9 +385,8 @@ class PendingRecv:
                 return list(wirepack.fp8_parts(t, desc.shape))
             return [t]
 
+        # read in place from the receive buffer (copied together first if they lie apart)
         ops = [operand(h, hc, hd), None if fold else operand(r, rc, rd)]
-        if not fold and len({t.untyped_storage().data_ptr() for op in ops for t in op}) > 1:
-            raise ValueError(f"keys {hidden!r} and {residual!r} do not lie in one receive buffer")
         buf, layout, (hi, ri) = wirepack.norm_operands(ops)
         o, ro = unpack_add_rmsnorm(
             buf,

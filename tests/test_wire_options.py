@@ -261,9 +261,10 @@ def _hop(d: dict, wire: Wire | None, accept, tp=None, canary_pool: bool = False)
     return out, rec, buf, enc
 
 
+@pytest.mark.parametrize("T", [9, 0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_codec_round_trip_of_every_option(dtype) -> None:
-    d = _acts(9, dtype, 1, hidden=200)
+def test_codec_round_trip_of_every_option(dtype, T) -> None:
+    d = _acts(T, dtype, 1, hidden=200)
     h, r = d["hidden_states"], d["residual"]
     plain_n = _hop(d, None, None)[2].numel()
     for wire, want_h, want_r in [
@@ -463,11 +464,16 @@ def _fold_hops(rank: int, impl: str, plain: TensorDictChannel, folded: TensorDic
                     got["hidden_states"], _norm_ref(h + r, None, w, order)[0], "flashinfer out"
                 )
             _same_bits(got["positions"], d["positions"], "positions")
-        got = folded.recv()
+        pending = folded.irecv()
+        got = pending.wait()
         _same_bits(got["hidden_states"], h + r, f"T={T}: wait() sum")
         _same_bits(got["residual"], torch.full_like(r, -0.0), f"T={T}: wait() residual")
         _same_bits(got["hidden_states"] + got["residual"], h + r, f"T={T}: sum + residual")
-        assert got["hidden_states"].data_ptr() != h.data_ptr()
+        # the op after wait(): the sum and its -0.0 residual lie apart, and still add exactly
+        normed = pending.wait_add_rmsnorm(w, EPS)
+        _same_bits(normed["residual"], h + r, f"T={T}: residual after wait()")
+        want_out = _norm_ref(h + r, None, w, "vllm")[0]
+        _same_bits(normed["hidden_states"], want_out, f"T={T}: out after wait()")
         # wait_into: caller-owned, larger, strided destinations
         hb, hv = _canary_dest(T, H, dtype)
         rb, rv = _canary_dest(T, H, dtype, extra=1, pad=24)
