@@ -30,6 +30,21 @@ half the round trip. Modes, each written after what the system it names does:
   sglang_pipepack, vllm_pipepack
                     the same engine calls on the same coordinator with pipepack's one-line
                     adapter installed (pipepack.integrations), over torch.distributed.
+Wire options (not in the default run; ``--modes packed packed_ch packed_fold ...``), each a
+TensorDictChannel over torch.distributed: blocking send, and the receive posted and read on the
+caller's thread when its turn comes (as recv_tensor_dict does: no hand-off to the channel's
+progress thread, so the modes differ from ``packed`` only in the API and the option); the
+activations are randn values (the fp8 quantiser and the norm see real numbers):
+  packed_ch         no option: what the options are layered on
+  packed_fold       Wire(fold=(hidden_states, residual)), received with wait() (the sum, and a
+                    -0.0 residual)
+  packed_fp8        Wire(fp8=(hidden_states, residual)), wait() dequantises
+  packed_fold_fp8   fold + the sum as fp8, wait()
+  packed_norm       no option, received with wait_add_rmsnorm (the next layer's add + norm)
+  packed_fold_norm  fold, wait_add_rmsnorm (no add on the receiver)
+  packed_fold_fp8_norm
+                    fold + fp8, wait_add_rmsnorm (dequantised inside the op)
+``wire_bytes`` in the JSON is what one hop puts on the wire (frame, header, payloads).
 The tp2 scenario runs pp2 x tp2 on 4 ranks: each sender sends its TP slice, the receivers
 all-gather; baselines all-gather per tensor as vLLM does, pipepack once for all keys.
 """
@@ -64,6 +79,7 @@ SCENARIOS = [
     "output",
     "tp2",
 ]
+EXTRA_SCENARIOS = ["prefill_2k"]  # not in the default run
 MODES = [
     "serial",
     "per_tensor_async",
@@ -75,6 +91,19 @@ MODES = [
     "packed_static_shm",
     *engine_baselines.MODES,
 ]
+# per wire mode: (the sender's and receiver's Wire options as (fold, fp8 keys), receive with
+# wait_add_rmsnorm); not in the default run
+_HR = ("hidden_states", "residual")
+WIRE_MODES = {
+    "packed_ch": (None, (), False),
+    "packed_fold": (_HR, (), False),
+    "packed_fp8": (None, _HR, False),
+    "packed_fold_fp8": (_HR, ("hidden_states",), False),
+    "packed_norm": (None, (), True),
+    "packed_fold_norm": (_HR, (), True),
+    "packed_fold_fp8_norm": (_HR, ("hidden_states",), True),
+}
+EPS = 1e-6
 PIPEPACK_MODES = {
     "packed": "dist",
     "packed_static": "dist",
@@ -82,6 +111,7 @@ PIPEPACK_MODES = {
     "packed_static_shm": "shm",
     "sglang_pipepack": "dist",
     "vllm_pipepack": "dist",
+    **{m: "dist" for m in WIRE_MODES},
 }
 HIDDEN = 4096
 # torch >= 2.12 renames all_gather_into_tensor; both exist in between
@@ -111,10 +141,11 @@ def make_payload(scenario: str, device: torch.device, seed: int = 0) -> dict:
             "residual": rnd((bs, HIDDEN), torch.bfloat16),
             "__msg_type__": "proxy",
         }
-    if scenario == "prefill_4k":
+    if scenario in ("prefill_4k", "prefill_2k"):
+        n = 4096 if scenario == "prefill_4k" else 2048
         return {
-            "hidden_states": rnd((4096, HIDDEN), torch.bfloat16),
-            "residual": rnd((4096, HIDDEN), torch.bfloat16),
+            "hidden_states": rnd((n, HIDDEN), torch.bfloat16),
+            "residual": rnd((n, HIDDEN), torch.bfloat16),
         }
     if scenario == "many_small":
         dtypes = [
@@ -380,6 +411,7 @@ class Result:
     gbps: float
     iters: int
     transport: str = "dist"
+    wire_bytes: int | None = None  # one hop on the wire (pipepack modes): frame, header, payloads
 
 
 def _same_bytes(a: dict, b: dict) -> bool:
@@ -414,15 +446,92 @@ def _pairs(ctx: Ctx, mode: str, peer: int, like: dict):
     if mode == "floor":
         s, r = floor_pair(ctx, like)
         return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
+    if mode in WIRE_MODES:
+        s, r = wire_pair(ctx, peer, mode)
+        return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
     s, r = pipepack_pair(ctx, peer, mode.startswith("packed_static"), like, PIPEPACK_MODES[mode])
     return (lambda _c, d, dst: s(d, dst)), (lambda _c, src, lk: r(src, lk))
 
 
+def _wire_options(mode: str):
+    from pipepack.pp import Wire
+
+    fold, fp8, norm = WIRE_MODES[mode]
+    wire = Wire(fold=fold, fp8=fp8)
+    return (wire if wire else None), norm
+
+
+def _norm_weight(device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return (0.5 + 1.5 * torch.rand(HIDDEN, generator=g)).to(torch.bfloat16).to(device)
+
+
+def wire_pair(ctx: Ctx, peer: int, mode: str):
+    """A TensorDictChannel with the mode's wire options on both ends (both directions)."""
+    from pipepack.pp import PendingRecv, TensorDictChannel
+
+    wire, norm = _wire_options(mode)
+    ch = TensorDictChannel(
+        peer, group=ctx.group, cpu_group=ctx.cpu_group, wire=wire, accept_wire=wire
+    )
+    weight = _norm_weight(ctx.device)
+
+    def send(d, dst):
+        ch.send(d)
+
+    def recv(src, like_):
+        # a PendingRecv read on this thread (irecv() would hand the head to a progress thread)
+        opts = ch._options(None)
+        p = PendingRecv(ch.link, ch.link.post(opts), opts.accept_wire)
+        return p.wait_add_rmsnorm(weight, EPS) if norm else p.wait()
+
+    return send, recv
+
+
+def activations(d: dict, seed: int = 0) -> dict:
+    """``d`` with hidden_states / residual replaced by decoder-like values of the same shape and
+    dtype (randn, a residual four times larger): the fp8 quantiser and the norm see numbers."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(d)
+    for k, scale in (("hidden_states", 1.0), ("residual", 4.0)):
+        t = d[k]
+        out[k] = (scale * torch.randn(t.shape, generator=g)).to(t.dtype).to(t.device)
+    return out
+
+
+def wire_bytes(mode: str, d: dict) -> int:
+    """Bytes one hop of ``d`` puts on the wire in a pipepack mode (frame, header, payloads)."""
+    from pipepack.pp import codec, wirepack
+    from pipepack.pp.wire.hop import FRAME_BYTES
+    from pipepack.pp.wire.limits import DEFAULT_LIMITS
+
+    wire = _wire_options(mode)[0] if mode in WIRE_MODES else None
+    enc = codec.encode(
+        d,
+        allow_pickle=False,
+        limits=DEFAULT_LIMITS,
+        tp=None,
+        all_gather_tensors=None,
+        wire=wirepack.WireSend(wire).prepare(d) if wire else None,
+    )
+    return FRAME_BYTES + len(enc.body) + sum(p.wire_layout.nbytes for p in enc.parts.values())
+
+
 def run_mode(
-    ctx: Ctx, scenario: str, mode: str, leader: bool, peer: int, iters: int, warmup: int
+    ctx: Ctx,
+    scenario: str,
+    mode: str,
+    leader: bool,
+    peer: int,
+    iters: int,
+    warmup: int,
+    pooled: list[float] | None = None,
 ) -> Result | None:
-    """Ping-pong ``iters`` times; the leader returns the per-hop timings."""
+    """Ping-pong ``iters`` times; the leader returns the per-hop timings (over ``pooled``, the
+    times of earlier rounds of this mode, to which this round's are added)."""
     d = make_payload(scenario, ctx.device)
+    if mode in WIRE_MODES:
+        d = activations(d)
     send, recv = _pairs(ctx, mode, peer, d)
     sync = (lambda: torch.cuda.synchronize()) if ctx.device.type == "cuda" else (lambda: None)
     # correctness once, before any timing: the follower checks what it received
@@ -456,6 +565,9 @@ def run_mode(
         flush()
     if not leader:
         return None
+    if pooled is not None:
+        pooled.extend(times)
+        times = list(pooled)
     times.sort()
     med = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
@@ -470,20 +582,47 @@ def run_mode(
         nbytes / med / 1e3,
         len(times),
         PIPEPACK_MODES.get(mode, "dist"),
+        wire_bytes(mode, d) if mode in PIPEPACK_MODES and ctx.tp_world == 1 else None,
     )
 
 
 def _expected(d: dict, mode: str) -> dict:
     if mode == "batched":  # shapes known ahead, plain values are not sent
         return dict(tensor_items(d))
+    if mode in WIRE_MODES:
+        return _wire_expected(d, mode)
     return d
+
+
+def _wire_expected(d: dict, mode: str) -> dict:
+    """What the receiver of a wire mode hands out, from the kernels' references."""
+    from pipepack.kernels import fused
+
+    fold, fp8, norm = WIRE_MODES[mode]
+    h, r = d["hidden_states"].cpu(), d["residual"].cpu()
+
+    def rt(x):
+        return fused.dequantize_fp8_reference(*fused.quantize_fp8_reference(x), x.dtype)
+
+    h = h + r if fold else h
+    r = None if fold else r
+    h = rt(h) if "hidden_states" in fp8 else h
+    r = rt(r) if r is not None and "residual" in fp8 else r
+    out = dict(d)
+    if norm:
+        w = _norm_weight(torch.device("cpu"))
+        out["hidden_states"], out["residual"] = fused.add_rmsnorm_reference(h, r, w, EPS)
+    else:
+        out["hidden_states"] = h
+        out["residual"] = torch.full_like(h, -0.0) if r is None else r
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def _iters(scenario: str, quick: bool, backend: str) -> tuple[int, int]:
-    big = scenario == "prefill_4k"
+    big = scenario.startswith("prefill")
     if quick:
         return (3, 1) if big else (20, 3)
     if backend == "nccl":
@@ -506,14 +645,23 @@ def bench_rank(rank: int, world: int, args, results_path: str | None) -> list[Re
     scenarios = [s for s in args.scenarios if s != "tp2"]
     if world == 2:
         ctx = Ctx(group, cpu_group, device, shm_group=shm_group)
+        rounds = max(1, args.rounds)
         for sc in scenarios:
             iters, warmup = _iters(sc, args.quick, backend)
-            for mode in args.modes:
-                dist.barrier(group=cpu_group)
-                r = run_mode(ctx, sc, mode, rank == 0, 1 - rank, iters, warmup)
-                if r:
-                    results.append(r)
-                    print(f"  {sc:>13} {mode:>16} {r.median_us:10.1f} us", flush=True)
+            per_round = max(1, -(-iters // rounds))
+            pooled: dict[str, list[float]] = {m: [] for m in args.modes}
+            last: dict[str, Result] = {}
+            for _ in range(rounds):  # modes take turns, so a load change hits them alike
+                for mode in args.modes:
+                    dist.barrier(group=cpu_group)
+                    r = run_mode(
+                        ctx, sc, mode, rank == 0, 1 - rank, per_round, warmup, pooled[mode]
+                    )
+                    if r:
+                        last[mode] = r
+            for mode, r in last.items():
+                results.append(r)
+                print(f"  {sc:>13} {mode:>16} {r.median_us:10.1f} us", flush=True)
     if world == 4 and "tp2" in args.scenarios:
         tp_groups = [
             dist.new_group([0, 1], backend=backend),
@@ -631,6 +779,27 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def wire_table(results: list[Result]) -> str:
+    """The wire-option rows against plain ``packed`` of the same run."""
+    by = {(r.scenario, r.mode): r for r in results}
+    lines = [
+        "| scenario | mode | wire bytes | median µs | p20 | p80 | vs packed (time) | "
+        "bytes vs packed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.mode != "packed" and r.mode not in WIRE_MODES:
+            continue
+        b = by.get((r.scenario, "packed"))
+        t = f"{r.median_us / b.median_us:.2f}×" if b else "-"
+        n = f"{r.wire_bytes / b.wire_bytes:.2f}" if b and r.wire_bytes and b.wire_bytes else "-"
+        lines.append(
+            f"| {r.scenario} | {r.mode} | {r.wire_bytes} | {r.median_us:.1f} | "
+            f"{r.p20_us:.1f} | {r.p80_us:.1f} | {t} | {n} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: list[Result], path: str) -> None:
     import matplotlib
 
@@ -664,8 +833,15 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.set_num_threads(1) in each rank (as torchrun's OMP_NUM_THREADS=1);"
         " default: torch's own thread settings, as users run",
     )
-    p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS)
-    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS + EXTRA_SCENARIOS)
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES + list(WIRE_MODES))
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each scenario's iterations into this many rounds in which the modes take "
+        "turns (2-rank scenarios); the timings of all rounds are pooled",
+    )
     p.add_argument("--out", help="write JSON records here")
     p.add_argument("--plot", help="draw latency vs payload size (needs matplotlib)")
     args = p.parse_args(argv)
@@ -703,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({time.time() - t0:.0f} s)\n"
     )
     print(table(results))
+    if any(r.mode in WIRE_MODES for r in results):
+        print()
+        print(wire_table(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump([meta] + [asdict(r) for r in results], f, indent=1)

@@ -18,6 +18,10 @@ Transports:
                     counts are known to every rank) and wait_into static input buffers
                     (CUDA-graph style), over torch.distributed
   pipepack_shm      TensorDictChannel over the same-host shared-memory ring (CPU, gloo only)
+  pipepack_fold     TensorDictChannel with Wire(fold=("hidden_states", "residual")): the sender
+                    sends hidden + residual as one tensor, the receiver's wait() hands out the
+                    sum and a -0.0 residual, and the unchanged first layer adds them (the same
+                    bits as adding the pair), over torch.distributed
   per_tensor        the vLLM-style baseline: pickled metadata in two messages on the CPU group,
                     then one send per tensor (TP: one all-gather per tensor on the receiver)
 Every rank builds the same micro-batches (varying token counts); the last stage rebuilds the
@@ -44,7 +48,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_p2p  # noqa: E402  (the per-tensor baseline lives there)
 
-from pipepack.pp import Declared, StageDriver, TensorDictChannel, flush  # noqa: E402
+from pipepack.pp import Declared, StageDriver, TensorDictChannel, Wire, flush  # noqa: E402
 from pipepack.pp.refmodel import (  # noqa: E402
     ModelConfig,
     boundary_example,
@@ -53,7 +57,7 @@ from pipepack.pp.refmodel import (  # noqa: E402
     sample_tokens,
 )
 
-TRANSPORTS = ["pipepack", "pipepack_static", "pipepack_shm", "per_tensor"]
+TRANSPORTS = ["pipepack", "pipepack_static", "pipepack_shm", "pipepack_fold", "per_tensor"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -191,6 +195,7 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
                 transport="shm",
             )
         declared = Declared.from_example(example) if transport == "pipepack_static" else None
+        wire = Wire(fold=("hidden_states", "residual")) if transport == "pipepack_fold" else None
         return TensorDictChannel(
             peer,
             group=group,
@@ -198,6 +203,8 @@ def pipeline_rank(args: argparse.Namespace, transports: Sequence[str] | None = N
             all_gather_group=tp_group,
             declared=declared,
             transport="dist",
+            wire=wire,
+            accept_wire=wire,
         )
 
     drivers = {}

@@ -77,6 +77,13 @@ _INTERPRETER_TILE = 1 << 18  # elements per row-block tile under the interpreter
 # where the references do (tests/test_fused_aot.py compiles with these and checks the PTX).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
+# torch splits an elementwise op over its intra-op thread pool above this many elements
+# (at::internal::GRAIN_SIZE) and runs it in the calling thread below. The CPU path works in row
+# blocks under it: on a small machine those workers spin against a peer rank and gloo's I/O
+# threads (a folded 1 MiB hop took ~10 ms with torch's default two threads, ~0.65 ms with
+# one). Rows are independent in every op here, so the blocks change no bit.
+_SERIAL_NUMEL = 32768
+
 # send-kernel block sizes: 16 KiB per copy program, 4096 elements per fold program
 _VBLOCK = 4096
 _BBLOCK = 1024
@@ -85,6 +92,14 @@ _FBLOCK = 4096
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _row_blocks(T: int, H: int) -> list[tuple[int, int]]:
+    """``(start, end)`` row ranges of a [T, H] operand whose intermediates (rows padded to a
+    power of two for the reduction tree) stay under :data:`_SERIAL_NUMEL` elements (strictly:
+    at exactly that many torch still opens a parallel region)."""
+    step = max(1, (_SERIAL_NUMEL - 1) // _next_pow2(max(H, 1)))
+    return [(a, min(a + step, T)) for a in range(0, T, step)]
 
 
 def _pick_impl(impl: str | None, device: torch.device) -> str:
@@ -464,12 +479,20 @@ def unpack_add_rmsnorm(
         use = "torch"
     if T == 0:
         return o, ro
-    if use == "torch":
-        ref_out, ref_res = unpack_add_rmsnorm_reference(
-            buffer, layout, h.index, None if r is None else r.index, weight, eps, order=order
-        )
-        ro.copy_(ref_res)
-        o.copy_(ref_out)
+    if use == "torch":  # the reference, row block by row block (see _SERIAL_NUMEL)
+
+        def rows(s, a, z):
+            v = _view(buffer, layout, s.index)[a:z]
+            if s.dtype == FP8:
+                return dequantize_fp8_reference(v, _view(buffer, layout, s.scales)[a:z], dtype)
+            return v
+
+        for a, z in _row_blocks(T, H):
+            blk_out, blk_res = add_rmsnorm_reference(
+                rows(h, a, z), None if r is None else rows(r, a, z), weight, eps, order=order
+            )
+            ro[a:z].copy_(blk_res)
+            o[a:z].copy_(blk_out)
         return o, ro
     _launch_recv(buffer, layout, h, r, weight, float(eps), o, ro, dtype, True, order_code)
     return o, ro
@@ -552,11 +575,9 @@ def dequantize_fp8(
             )
         use = "torch"
     if use == "torch":
-        o.copy_(
-            dequantize_fp8_reference(
-                _view(buffer, layout, s.index), _view(buffer, layout, s.index + 1), dtype
-            )
-        )
+        codes, scales = _view(buffer, layout, s.index), _view(buffer, layout, s.index + 1)
+        for a, z in _row_blocks(T, H):
+            o[a:z].copy_(dequantize_fp8_reference(codes[a:z], scales[a:z], dtype))
         return o
     _launch_recv(buffer, layout, s, None, None, 0.0, None, o, dtype, False, 0)
     return o
@@ -722,13 +743,15 @@ def _pack_wire_torch(tensors, wire: WireLayout, out: torch.Tensor) -> None:
         if e is None:
             continue
         folded = wire.fold is not None and i == wire.fold[0]
-        if wire.fp8[i]:
-            x = t + tensors[wire.fold[1]] if folded else t
-            q, s = quantize_fp8_reference(x)
-            views[e].copy_(q)
-            views[e + 1].copy_(s)
-        elif folded:
-            torch.add(t, tensors[wire.fold[1]], out=views[e])
+        if wire.fp8[i] or folded:  # row blocks, in this thread (see _SERIAL_NUMEL)
+            b = tensors[wire.fold[1]] if folded else None
+            for a, z in _row_blocks(*t.shape):
+                if not wire.fp8[i]:
+                    torch.add(t[a:z], b[a:z], out=views[e][a:z])
+                    continue
+                q, s = quantize_fp8_reference(t[a:z] if b is None else t[a:z] + b[a:z])
+                views[e][a:z].copy_(q)
+                views[e + 1][a:z].copy_(s)
         elif t.numel():
             views[e].copy_(t)
 

@@ -19,6 +19,7 @@ from .channel import (
     Declared,
     PendingRecv,
     TensorDictChannel,
+    Wire,
 )
 from .stage import StageDriver
 from .transport import REAPER, Handle, flush
@@ -34,6 +35,7 @@ __all__ = [
     "TensorDictChannel",
     "Declared",
     "PendingRecv",
+    "Wire",
     "Handle",
     "REAPER",
     "Limits",

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import codec
-from .channel import resolve_groups, tp_of
+from . import codec, wirepack
+from .channel import Wire, resolve_groups, tp_of
 from .link import DEFAULT_CHUNK_BYTES, Link, RecvOptions, get_link, reset_links
 from .transport import Handle
 from .wire.limits import DEFAULT_LIMITS
@@ -137,6 +137,7 @@ def irecv_tensor_dict(
     all_gather_group: dist.ProcessGroup | None = None,
     all_gather_tensors: Mapping[str, bool] | None = None,
     allow_pickle: bool = False,
+    accept_wire: Wire | None = None,
 ) -> tuple[dict[str, Any] | None, list[Handle], list[Callable[[], None]]]:
     """Receives the next hop's head from ``src`` and posts its payload receives.
 
@@ -145,19 +146,31 @@ def irecv_tensor_dict(
     call (the TP all-gather and reassembly, which replace the sliced keys' values) have run.
     The slicing decisions come from the sender's hop; ``all_gather_tensors`` is accepted for
     call compatibility and not needed here.
+
+    These functions never send keys folded or as fp8, and refuse a hop that has them (a
+    ``TensorDictChannel`` with ``wire=`` sends those) unless ``accept_wire`` (a
+    :class:`~pipepack.pp.Wire`) takes them; the last postprocess call then restores those keys
+    as ``PendingRecv.wait`` does.
     """
     del all_gather_tensors  # the per-key decision travels in the hop
     link = _link_for(group, cpu_group, src, -1, "src")
     if link is None:
         return None, [], []
+    if accept_wire is not None and not isinstance(accept_wire, Wire):
+        raise TypeError(f"accept_wire must be a pipepack.pp.Wire, got {type(accept_wire).__name__}")
+    wire = wirepack.WireRecv(accept_wire) if accept_wire else None
     opts = RecvOptions(
         allow_pickle=allow_pickle,
         limits=DEFAULT_LIMITS,
         tp=tp_of(all_gather_group),
         check=None,
         timeout=None,
+        accept_wire=wire,
     )
-    return link.advance(link.post(opts))
+    d, handles, post = link.advance(link.post(opts))
+    if wire is not None and wire.wired:
+        post = [*post, lambda d=d, wired=wire.wired: wirepack.restore(d, wired)]
+    return d, handles, post
 
 
 def send_tensor_dict(

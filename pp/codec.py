@@ -144,10 +144,17 @@ def encode(
     limits: Limits,
     tp: TP | None,
     all_gather_tensors: Mapping[str, bool] | None,
+    wire: Mapping[str, tuple[int, torch.Tensor]] | None = None,
 ) -> Encoded:
-    """The body and payload parts of one hop; raises on anything the receiver would refuse."""
+    """The body and payload parts of one hop; raises on anything the receiver would refuse.
+
+    ``wire``: per top-level tensor key, ``(wire code, the tensor whose bytes travel)``
+    (:mod:`pipepack.pp.wire.hop`); the header keeps the key's own dtype and dims.
+    """
     if not isinstance(d, Mapping):
         raise TypeError(f"expected a dict of tensors and plain values, got {type(d).__name__}")
+    if wire:  # hops with wire codes are opt-in and rare: no plan, every check every time
+        return _encode_full(d, allow_pickle, limits, tp, all_gather_tensors, wire)[0]
     agt = None if all_gather_tensors is None else tuple(all_gather_tensors.items())
     sig: list[Any] = [id(limits), id(tp), allow_pickle, agt]
     top: list[torch.Tensor] = []
@@ -211,8 +218,10 @@ def _encode_full(
     limits: Limits,
     tp: TP | None,
     all_gather_tensors: Mapping[str, bool] | None,
+    wire: Mapping[str, tuple[int, torch.Tensor]] | None = None,
 ) -> tuple[Encoded, _Plan]:
-    """Checks everything about ``d`` and encodes it; also returns the plan of its signature."""
+    """Checks everything about ``d`` and encodes it; also returns the plan of its signature
+    (meaningful only without ``wire``)."""
     keys_b: list[bytes] = []
     kinds: list[bool] = []
     top: list[torch.Tensor] = []
@@ -266,6 +275,13 @@ def _encode_full(
         )
     tensors = top + nested
     names = top_keys + nested_keys
+    codes = [0] * len(tensors)
+    srcs = tensors
+    if wire:
+        srcs = list(tensors)
+        for i, k in enumerate(top_keys):
+            if k in wire:
+                codes[i], srcs[i] = wire[k]
     world = tp.world if tp is not None else 1
     descs = []
     dims: list[int] = []
@@ -278,14 +294,15 @@ def _encode_full(
             and world > 1
             and dev == tp.device_type
             and t.numel() % world == 0
+            and codes[i] in hop.SLICEABLE_WIRE
             and (all_gather_tensors is None or all_gather_tensors.get(k, True))
         )
         any_sliced |= s
-        descs.append(hop.tensor_desc_code(t, s, k))
+        descs.append(hop.tensor_desc_code(t, s, k, codes[i]))
         dims.extend(t.shape)
         e = by_dev.setdefault(dev, ([], [], []))
         e[0].append(i)
-        e[1].append((t.dtype, tuple(t.shape)))
+        e[1].append((srcs[i].dtype, tuple(srcs[i].shape)))
         e[2].append(s)
     accel = [dv for dv in by_dev if dv not in ("cpu", "meta")]
     if len(accel) > 1:
@@ -312,7 +329,7 @@ def _encode_full(
     for dev, pk in picks.items():
         src = []
         for i, s in pk:
-            t = tensors[i]
+            t = srcs[i]
             if s:
                 t = t.reshape(world, -1)[tp.rank]
             src.append(t)
@@ -348,6 +365,7 @@ class _Decoded:
     direct: bool
     top_keys: tuple[str, ...]  # keys of the top-level tensors, in tensor order
     plain: bool  # some key holds a plain value
+    wired: tuple[tuple[str, hop.TensorDesc], ...] = ()  # top-level keys with a wire code
 
 
 _SCHEMA_MEMO: dict[tuple[int, int, bytes], _Decoded] = {}
@@ -370,7 +388,7 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
     for i, t in enumerate(schema.tensors):
         e = by_dev.setdefault(t.device_type, ([], [], []))
         e[0].append(i)
-        e[1].append((t.dtype, t.shape))
+        e[1].append(t.wire_spec)
         e[2].append(t.sliced)
     parts = {}
     for dev, (index, specs, sliced) in by_dev.items():
@@ -394,8 +412,16 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
         and all(sc == tuple(range(n)) for sc in scatter.values())
     )
     top_keys = tuple(k for k, t in zip(schema.keys, schema.is_tensor) if t)
+    wired = tuple((k, t) for k, t in zip(top_keys, schema.tensors) if t.wire)
     dec = _Decoded(
-        schema, parts, limits, scatter, direct, top_keys, len(top_keys) != len(schema.keys)
+        schema,
+        parts,
+        limits,
+        scatter,
+        direct,
+        top_keys,
+        len(top_keys) != len(schema.keys),
+        wired,
     )
     with _MEMO_LOCK:
         if len(_SCHEMA_MEMO) >= 256:
@@ -435,14 +461,25 @@ def decode(
     allow_pickle: bool,
     limits: Limits,
     tp: TP | None,
+    accept_wire: Callable[[tuple], None] | None = None,
 ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
     """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly).
 
     ``buffers`` hold exactly the payload bytes :func:`header_parts` checked against the frame.
+    A key with a wire code is handed out as the bytes that travelled, and only when
+    ``accept_wire`` takes ``dec.wired`` (it raises otherwise); without it such a hop is refused.
     """
     schema = dec.schema
     if frame.flags & hop.F_PICKLED and not allow_pickle:
         raise WireError("the peer sent a pickled value but allow_pickle is False here")
+    if dec.wired:
+        if accept_wire is None:
+            k, t = dec.wired[0]
+            raise WireError(
+                f"key {k!r} travelled as {hop.WIRE_NAMES[t.wire]} (the sender's wire option); "
+                "this receiver takes plain tensors only (no accept_wire)"
+            )
+        accept_wire(dec.wired)
     if frame.tp_world > 1:
         if tp is None or tp.world != frame.tp_world:
             have = "no all_gather_group" if tp is None else f"an all_gather_group of {tp.world}"

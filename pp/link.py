@@ -104,7 +104,7 @@ class _Incoming:
 class RecvOptions:
     """What the receiving call decides about its hop."""
 
-    __slots__ = ("allow_pickle", "limits", "tp", "check", "timeout")
+    __slots__ = ("allow_pickle", "limits", "tp", "check", "timeout", "accept_wire")
 
     def __init__(
         self,
@@ -114,12 +114,14 @@ class RecvOptions:
         tp: codec.TP | None,
         check: Callable[[list], None] | None,
         timeout: float | None,
+        accept_wire: Callable[[tuple], None] | None = None,
     ) -> None:
         self.allow_pickle = allow_pickle
         self.limits = limits
         self.tp = tp
         self.check = check
         self.timeout = timeout
+        self.accept_wire = accept_wire
 
 
 class Link:
@@ -871,6 +873,7 @@ class Link:
                 allow_pickle=opts.allow_pickle,
                 limits=opts.limits,
                 tp=opts.tp,
+                accept_wire=opts.accept_wire,
             )
             if opts.check is not None:
                 opts.check(codec.items_of(dec.schema, out))

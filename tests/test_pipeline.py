@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pipepack.testing.ranks as _dist
-from pipepack.pp import Declared, StageDriver, TensorDictChannel, shm
+from pipepack.pp import Declared, StageDriver, TensorDictChannel, Wire, shm
 from pipepack.pp.refmodel import (
     ModelConfig,
     boundary_example,
@@ -299,7 +299,8 @@ def _pipeline_body(
     link_mod.DEFAULT_TRANSPORT = link
     stage, tp_rank = divmod(rank, tp)
     device, group, cpu_group, tp_group = _groups(stages, tp, backend)
-    fused = transport == "fused"
+    fused = transport in ("fused", "fold")
+    wire = Wire(fold=("hidden_states", "residual")) if transport == "fold" else None
     config = _config(dtype, fused)
     tokens = sample_tokens(config, SIZES)
     example = boundary_example(config, device)
@@ -313,6 +314,8 @@ def _pipeline_body(
             all_gather_group=tp_group,
             declared=declared,
             timeout=TIMEOUT_S,
+            wire=wire,
+            accept_wire=wire,
         )
 
     recv_ch = channel(rank - tp) if stage > 0 else None
@@ -426,6 +429,20 @@ def _cases() -> list:
                 id=f"pp{stages}-tp{tp}-bf16-depth2-fused-auto",
             )
         )
+    # the sender folds hidden + residual into one tensor, the receiver's fused op takes the sum
+    for stages, tp in ((2, 1), (3, 1), (2, 2)):
+        cases.append(
+            pytest.param(
+                stages,
+                tp,
+                "bf16",
+                2,
+                "fold",
+                "gloo",
+                "auto",
+                id=f"pp{stages}-tp{tp}-bf16-depth2-fold-auto",
+            )
+        )
     return cases
 
 
@@ -436,7 +453,7 @@ def test_pipeline_logits_bit_equal_to_one_process(
     """Micro-batches of varying token counts through the staged model, several in flight:
     every last-stage rank's logits equal the one-process run byte for byte, in order. The
     "fused" path receives with PendingRecv.wait_add_rmsnorm against a one-process run of the
-    same op."""
+    same op; "fold" also sends hidden + residual as one tensor (Wire(fold=...))."""
     world = stages * tp
     args = (stages, tp, dtype, depth, transport, backend, link)
     if backend == "nccl":

@@ -550,8 +550,10 @@ def _tensor_body(dims: list[int], code: int = F32, ndim: int | None = None) -> b
         (_tensor_body([2], code=0), _LIM, "unknown dtype code 0"),
         (_tensor_body([2], code=99), _LIM, "unknown dtype code 99"),
         (_body([("x", True)], [(F32, 1, 6, 0)], [2]), _LIM, "unknown device code 6"),
-        (_body([("x", True)], [(F32, 1, CPU, 2)], [2]), _LIM, "bad flags 0x2"),
-        (_body([("x", True)], [(F32, 1, CPU, 3)], [2]), _LIM, "bad flags 0x3"),
+        (_body([("x", True)], [(F32, 1, CPU, 0x20)], [2]), _LIM, "bad flags 0x20"),
+        (_body([("x", True)], [(F32, 1, CPU, 0x81)], [2]), _LIM, "bad flags 0x81"),
+        (_body([("x", True)], [(F32, 1, CPU, 2)], [2]), _LIM, "cannot travel as fold sum"),
+        (_body([("x", True)], [(F32, 2, CPU, 5 << 1)], [2, 2]), _LIM, "unknown wire code 5"),
         (
             _body([("x", False)], [(F32, 1, CPU, 1)], [2], b"\x0f" + bytes(4)),
             _LIM,
@@ -624,14 +626,30 @@ def _ref_schema(body: bytes, limits: Limits) -> tuple | None:
     tensors = []
     for i, ((code, _, dev, flags), shape) in enumerate(zip(table, shapes)):
         dt = dtype_of_code(code)
-        if dt is None or dev not in devs or flags not in (0, 1) or (flags and i >= n_top):
+        if dt is None or dev not in devs or flags >= 0x20 or (flags and i >= n_top):
             return None
-        if (
-            any(d < 0 for d in shape)
-            or dt.itemsize * math.prod(max(d, 1) for d in shape) > limits.max_payload_bytes
+        sliced, wire = bool(flags & 1), flags >> 1
+        if wire > 4:
+            return None
+        if wire and (
+            dt not in (torch.bfloat16, torch.float16, torch.float32)
+            or len(shape) != 2
+            or devs[dev] == "meta"
+            or (sliced and wire not in (0, 1))
         ):
             return None
-        tensors.append(TensorDesc(dt, tuple(shape), devs[dev], bool(flags)))
+        if any(d < 0 for d in shape):
+            return None
+        span = dt.itemsize * math.prod(max(d, 1) for d in shape)
+        if wire in (3, 4):  # codes, padding to 16, fp32 row scales
+            span = max(span, -(-shape[0] * shape[1] // 16) * 16 + 4 * shape[0])
+        if span > limits.max_payload_bytes:
+            return None
+        tensors.append(TensorDesc(dt, tuple(shape), devs[dev], sliced, wire))
+    sums = [(t.dtype, t.shape, t.device_type) for t in tensors if t.wire in (1, 4)]
+    folded = [(t.dtype, t.shape, t.device_type) for t in tensors if t.wire == 2]
+    if (sums or folded) and (len(sums), len(folded)) != (1, 1) or sums != folded:
+        return None
     return tuple(keys), tuple(kinds), tuple(tensors), pos, values_len
 
 
@@ -641,7 +659,7 @@ def _schema_fields(s: hop.Schema) -> tuple:
 
 def _reencode_body(s: hop.Schema, body: bytes) -> bytes:
     descs = [
-        (DTYPE_CODES[t.dtype], len(t.shape), DEVICE_CODES[t.device_type], int(t.sliced))
+        (DTYPE_CODES[t.dtype], len(t.shape), DEVICE_CODES[t.device_type], t.sliced | t.wire << 1)
         for t in s.tensors
     ]
     dims = [d for t in s.tensors for d in t.shape]
@@ -666,6 +684,11 @@ _BODY_BASES = [
     ),
     _body([("ké", True)], [(DTYPE_CODES[torch.bool], 3, CPU, 0)], [0, 7, 1]),
     _body([("a", False), ("bb", False)], [], [], b"\x01\x03"),
+    _body(  # wire codes: a sliced fold sum, its folded residual, an fp8 key
+        [("h", True), ("r", True), ("q", True)],
+        [(BF16, 2, CPU, 1 | 1 << 1), (BF16, 2, CPU, 2 << 1), (F32, 2, CPU, 3 << 1)],
+        [3, 8, 3, 8, 2, 8],
+    ),
 ]
 
 

@@ -33,9 +33,24 @@ read only from it, and checked against :class:`Limits` before a byte of it is re
     body
     u16 n_keys, u16 n_tensors, u32 values_len
     per key:    u16 key_len, key utf-8, u8 kind (0 plain value, 1 tensor)
-    per tensor: u8 dtype code, u8 ndim, u8 device code, u8 flags (1: TP slice)
+    per tensor: u8 dtype code, u8 ndim, u8 device code, u8 flags
+                flags bit 0: TP slice; bits 1-4: wire code (below); bits 5-7: 0
     int64 dims of every tensor, in tensor order
     values: the encoded plain values of the plain keys, in key order
+
+    wire code of a tensor (dtype and dims are always the tensor's own, the receiver's result)
+    0  plain           its bytes as they are
+    1  fold sum        [T, H] bf16/fp16/fp32: hidden + residual, rounded to the dtype, where
+                       the hidden key's tensor lies; the residual key has code 2
+    2  folded          [T, H], same dtype and dims as the code-1 tensor: 0 bytes travel (its
+                       values went into the fold sum)
+    3  fp8 rows        [T, H] bf16/fp16/fp32 as T*H float8_e4m3fn codes, zero padding to a
+                       multiple of 16, then T fp32 row scales (value = code * scale)
+    4  fold sum, fp8   code 1's sum, travelling as code 3 does
+    other codes are refused. Codes 1-4 are top-level, 2-D, bf16/fp16/fp32, not on meta; at most
+    one code-1/4 tensor and exactly as many code-2 ones, of the same dtype and dims; only codes
+    0 and 1 may be TP slices. In the payload layout a tensor takes the bytes that travel: code 2
+    none, codes 3 and 4 one uint8 entry of align16(T*H) + 4*T bytes.
 
 Tensors are numbered top-level keys first (in key order), then tensors nested in plain values
 in the order the values reference them (a value's tensor tag holds the number among the nested
@@ -75,6 +90,14 @@ __all__ = [
     "BODY_HEAD_BYTES",
     "decode_schema",
     "align16",
+    "WIRE_PLAIN",
+    "WIRE_FOLD_SUM",
+    "WIRE_FOLDED",
+    "WIRE_FP8",
+    "WIRE_FOLD_SUM_FP8",
+    "WIRE_NAMES",
+    "SLICEABLE_WIRE",
+    "wire_spec",
 ]
 
 MAGIC = b"PPK2"
@@ -89,6 +112,20 @@ MAX_CHUNKS = 1 << 20
 
 DEVICE_CODES: dict[str, int] = {"cpu": 0, "cuda": 1, "meta": 2, "xpu": 3, "hpu": 4, "mps": 5}
 _DEVICE_NAMES = {v: k for k, v in DEVICE_CODES.items()}
+
+# wire codes of a tensor (bits 1-4 of its flags byte; see the module docstring)
+WIRE_PLAIN, WIRE_FOLD_SUM, WIRE_FOLDED, WIRE_FP8, WIRE_FOLD_SUM_FP8 = 0, 1, 2, 3, 4
+WIRE_NAMES = {
+    WIRE_PLAIN: "plain",
+    WIRE_FOLD_SUM: "fold sum",
+    WIRE_FOLDED: "folded",
+    WIRE_FP8: "fp8",
+    WIRE_FOLD_SUM_FP8: "fold sum as fp8",
+}
+SLICEABLE_WIRE = (WIRE_PLAIN, WIRE_FOLD_SUM)  # the codes a TP slice may have
+_FOLD_SUMS = (WIRE_FOLD_SUM, WIRE_FOLD_SUM_FP8)
+_FP8_CODES = (WIRE_FP8, WIRE_FOLD_SUM_FP8)
+_WIRE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 _BODY_HEAD = struct.Struct("<HHI")
 _KEY_HEAD = struct.Struct("<H")
@@ -267,6 +304,24 @@ class TensorDesc:
     shape: tuple[int, ...]
     device_type: str
     sliced: bool
+    wire: int = WIRE_PLAIN  # how its bytes travel (a WIRE_* code)
+
+    @property
+    def wire_spec(self) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of the bytes that travel, as the payload layout holds them."""
+        return wire_spec(self.dtype, self.shape, self.wire)
+
+
+def wire_spec(
+    dtype: torch.dtype, shape: tuple[int, ...], code: int
+) -> tuple[torch.dtype, tuple[int, ...]]:
+    """``(dtype, shape)`` of the payload entry of a tensor sent with wire ``code``."""
+    if code in (WIRE_PLAIN, WIRE_FOLD_SUM):
+        return dtype, shape
+    if code == WIRE_FOLDED:
+        return dtype, (0,)
+    t, h = shape
+    return torch.uint8, (align16(t * h) + 4 * t,)
 
 
 @dataclass(frozen=True)
@@ -368,8 +423,21 @@ def decode_schema(body: bytes, *, limits: Limits) -> Schema:
         name = _DEVICE_NAMES.get(dev)
         if name is None:
             raise WireError(f"header: tensor {i} has unknown device code {dev}")
-        if flags & ~1 or (flags and i >= n_top):
+        if flags >> 5 or (flags and i >= n_top):
             raise WireError(f"header: tensor {i} has bad flags {flags:#x}")
+        sliced, wire = bool(flags & 1), flags >> 1
+        if wire:
+            if wire not in WIRE_NAMES:
+                raise WireError(f"header: tensor {i} has unknown wire code {wire}")
+            if dtype not in _WIRE_DTYPES or ndim != 2 or name == "meta":
+                raise WireError(
+                    f"header: tensor {i} ({dtype}, {ndim} dims, on {name}) cannot travel as "
+                    f"{WIRE_NAMES[wire]}: that takes a [T, H] bf16, fp16 or fp32 tensor"
+                )
+            if sliced and wire not in SLICEABLE_WIRE:
+                raise WireError(
+                    f"header: tensor {i} travels as {WIRE_NAMES[wire]} and cannot be a TP slice"
+                )
         shape = dims[at : at + ndim]
         at += ndim
         span = dtype.itemsize
@@ -377,20 +445,34 @@ def decode_schema(body: bytes, *, limits: Limits) -> Schema:
             if d < 0:
                 raise WireError(f"header: tensor {i} has a negative dim in {shape}")
             span *= max(d, 1)
+        if wire in _FP8_CODES:  # codes and row scales: not bounded by the dtype's span
+            span = max(span, align16(shape[0] * shape[1]) + 4 * shape[0])
         if span > limits.max_payload_bytes:  # also bounds the dims of empty tensors
             raise WireError(
                 f"header: tensor {i} of shape {shape} is out of range for "
                 f"max_payload_bytes={limits.max_payload_bytes}"
             )
-        tensors.append(TensorDesc(dtype, tuple(shape), name, bool(flags)))
+        tensors.append(TensorDesc(dtype, tuple(shape), name, sliced, wire))
+    sums = [t for t in tensors if t.wire in _FOLD_SUMS]
+    folded = [t for t in tensors if t.wire == WIRE_FOLDED]
+    if sums or folded:
+        same = [(t.dtype, t.shape, t.device_type) for t in sums + folded]
+        if len(sums) != 1 or len(folded) != 1 or same[0] != same[1]:
+            raise WireError(
+                f"header: a fold takes one fold-sum and one folded tensor of the same dtype, "
+                f"dims and device; this table has {len(sums)} and {len(folded)}: {same}"
+            )
     return Schema(tuple(keys), tuple(kinds), tuple(tensors), pos, values_len)
 
 
-def tensor_desc_code(t: torch.Tensor, sliced: bool, key: str) -> tuple[int, int, int, int]:
+def tensor_desc_code(
+    t: torch.Tensor, sliced: bool, key: str, wire: int = WIRE_PLAIN
+) -> tuple[int, int, int, int]:
+    """``wire``: the tensor's WIRE_* code (the caller checked that ``t`` may travel so)."""
     code = DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"key {key!r}: unsupported dtype {t.dtype}")
     dev = DEVICE_CODES.get(t.device.type)
     if dev is None:
         raise TypeError(f"key {key!r}: tensors on {t.device.type} cannot travel")
-    return code, t.dim(), dev, 1 if sliced else 0
+    return code, t.dim(), dev, (1 if sliced else 0) | wire << 1
