@@ -28,6 +28,7 @@ import atexit
 import collections
 import ctypes
 import hashlib
+import math
 import os
 import socket
 import struct
@@ -1040,3 +1041,20 @@ def _close_rings() -> None:
 
 
 atexit.register(_close_rings)
+
+
+def _linger_send_rings(timeout: float | None) -> None:
+    """At flush(): until the peers have mapped the segments of every hop published to their
+    rings (the receiver unlinks a grown segment as it maps it, so a sender that flushes and
+    then ends with ``os._exit`` or a crash loses nothing it published)."""
+    from . import shm
+
+    for ring in list(_RINGS):
+        if isinstance(ring, shm.SendRing):
+            try:
+                ring._linger(math.inf if timeout is None else timeout)
+            except Exception:  # noqa: BLE001 - a closed ring or a gone peer: nothing to wait for
+                pass
+
+
+transport.add_flush_hook(_linger_send_rings)

@@ -289,12 +289,23 @@ class _Reaper:
 REAPER = _Reaper()
 
 
+_FLUSH_HOOKS: list[Callable[[float | None], None]] = []
+
+
+def add_flush_hook(fn: Callable[[float | None], None]) -> None:
+    """``fn(timeout)`` runs at every :func:`flush` after the pending sends completed (the
+    same-host transport waits there until the peer holds every hop it published)."""
+    _FLUSH_HOOKS.append(fn)
+
+
 def flush(timeout: float | None = None) -> None:
     """Waits for every pending send of this process; raises the first one that failed.
 
     ``TimeoutError`` when sends are still pending after ``timeout`` seconds.
     """
     REAPER.flush(timeout)
+    for fn in _FLUSH_HOOKS:
+        fn(timeout)
 
 
 EXIT_FLUSH_TIMEOUT = float(os.environ.get("PIPEPACK_EXIT_FLUSH_TIMEOUT", "60"))

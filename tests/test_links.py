@@ -483,9 +483,9 @@ def test_payload_moves_while_the_receiver_computes(transport: str, tmp_path) -> 
 # ---------------------------------------------------------------------------------------------
 
 _EXIT_SCRIPT = textwrap.dedent("""
-    import os, sys, datetime, torch, torch.distributed as dist
+    import os, sys, time, datetime, torch, torch.distributed as dist
     import pipepack.pp.link as link_mod
-    from pipepack.pp import isend_tensor_dict, recv_tensor_dict, send_tensor_dict
+    from pipepack.pp import flush, isend_tensor_dict, recv_tensor_dict, send_tensor_dict
     rank, init, how, transport = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     link_mod.DEFAULT_TRANSPORT = transport
     dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2,
@@ -495,11 +495,23 @@ _EXIT_SCRIPT = textwrap.dedent("""
         if how == "blocking_then_destroy":
             send_tensor_dict(d)
             dist.destroy_process_group()
+        elif how == "flush_then_os_exit":  # no atexit hooks: flush() is what the docs ask for
+            isend_tensor_dict(d)
+            flush()
+            os._exit(0)
         else:  # isend, then a normal interpreter exit: the atexit hook flushes
             isend_tensor_dict(d)
             isend_tensor_dict(d)
         sys.exit(0)
-    for _ in range(1 if how == "blocking_then_destroy" else 2):
+    if how == "flush_then_os_exit":
+        # a 2.4 MB hop travels in a grown segment the sender made; if the sender could be gone
+        # before this side maps it, any process's sweep of dead processes' segments (every new
+        # ring runs one) would take the hop with it
+        time.sleep(1.0)
+        from pipepack.pp import shm
+
+        shm.sweep_stale()
+    for _ in range(2 if how == "isend_then_exit" else 1):
         got = recv_tensor_dict()
         assert got["s"] == "last" and torch.equal(got["x"], d["x"]), "wrong bytes"
     print("RECEIVED")
@@ -507,7 +519,7 @@ _EXIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("how", ["blocking_then_destroy", "isend_then_exit"])
+@pytest.mark.parametrize("how", ["blocking_then_destroy", "isend_then_exit", "flush_then_os_exit"])
 def test_nothing_is_lost_when_the_sender_exits_right_after(
     how: str, transport: str, tmp_path
 ) -> None:
