@@ -469,18 +469,18 @@ class Link:
                     self._send_broken = e
                 raise
             self._send_seq += 1
-        pooled = [b for b in (head_base, cpu_base) if b is not None]
-        handle = Handle(
-            works,
-            keep,
-            what=what,
-            timeout=timeout,
-            on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
-        )
-        sent = self._sent
-        sent.append(handle)
-        while sent and sent[0].done:
-            sent.popleft()
+            pooled = [b for b in (head_base, cpu_base) if b is not None]
+            handle = Handle(
+                works,
+                keep,
+                what=what,
+                timeout=timeout,
+                on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
+            )
+            sent = self._sent  # pruned under the lock: two threads never pop the same front
+            sent.append(handle)
+            while sent and sent[0].done:
+                sent.popleft()
         if reap:
             REAPER.add(handle)
         return handle
@@ -580,9 +580,10 @@ class Link:
                     transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
                 ]
             self._send_seq += 1
-        handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+            handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+            if works:
+                self._sent.append(handle)
         if works:
-            self._sent.append(handle)
             REAPER.add(handle)
         return handle
 
