@@ -501,29 +501,15 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
             f"buffer address {buffer.data_ptr():#x} is not {layout.align}-byte "
             "aligned, so its slices cannot be viewed as their dtypes"
         )
-    # one as_strided per entry over one typed view per dtype: a third of the cost of
-    # slice + view + view, which matters on the receive path of every hop
-    base = buffer[: layout.nbytes]
-    byte_off = base.storage_offset()
-    typed: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
-    views = []
-    for dtype, shape, strides, offset in _view_specs(layout):
-        t = typed.get(dtype)
-        if t is None:
-            size = dtype.itemsize
-            if byte_off % size:
-                return [
-                    buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
-                    for e in layout.entries
-                ]
-            t = typed[dtype] = (base.view(dtype), byte_off // size)
-        views.append(t[0].as_strided(shape, strides, t[1] + offset))
-    return views
+    return unpack_unchecked(buffer, layout)
 
 
 def unpack_unchecked(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """:func:`unpack` for callers that sized ``buffer`` from ``layout`` themselves (a receive
-    buffer of exactly the announced bytes): the same views, without the checks."""
+    buffer of exactly the announced bytes): the same views, without the checks.
+
+    One ``as_strided`` per entry over one typed view per dtype: a third of the cost of slice +
+    view + view, which matters on the receive path of every hop."""
     dtypes, specs = _view_plan(layout)
     byte_off = buffer.storage_offset()
     if buffer.numel() != layout.nbytes:
@@ -531,8 +517,11 @@ def unpack_unchecked(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]
     bases = []
     for dtype in dtypes:
         size = dtype.itemsize
-        if byte_off % size:
-            return unpack(buffer, layout)
+        if byte_off % size:  # a storage offset no typed view can start at
+            return [
+                buffer[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+                for e in layout.entries
+            ]
         bases.append((buffer.view(dtype), byte_off // size))
     out = []
     for i, shape, strides, offset in specs:

@@ -132,6 +132,14 @@ class _Plan:
     picks: dict[str, tuple[tuple[int, bool], ...]]  # per device: (tensor number, sliced)
 
 
+def _put_bounded(cache: dict, lock: threading.Lock, key: Any, value: Any, cap: int) -> None:
+    """Stores into a local cache of at most ``cap`` entries, the oldest dropped first."""
+    with lock:
+        if len(cache) >= cap:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+
+
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_LOCK = threading.Lock()
 _PLANS_MAX = 512
@@ -189,27 +197,31 @@ def encode(
     if plan is None or plan.limits is not limits or plan.tp() is not tp:
         enc, plan = _encode_full(d, allow_pickle, limits, tp, all_gather_tensors)
         if key is not None:
-            with _PLANS_LOCK:
-                if len(_PLANS) >= _PLANS_MAX:
-                    _PLANS.pop(next(iter(_PLANS)))
-                _PLANS[tuple(sig)] = plan
+            _put_bounded(_PLANS, _PLANS_LOCK, key, plan, _PLANS_MAX)
         return enc
     values_b = b"".join(vals)
     if items > limits.max_items or len(values_b) > limits.max_plain_bytes:
         return _encode_full(d, allow_pickle, limits, tp, all_gather_tensors)[0]
     body = hop.body_head(plan.n_keys, plan.n_tensors, len(values_b)) + plan.schema_tail + values_b
-    tensors = top + nested if nested else top
+    flags = plan.flags | (hop.F_PICKLED if pickled else 0)
+    sources = _sources(top + nested if nested else top, plan.picks, tp)
+    return Encoded(body, flags, plan.tp_world, plan.parts, sources)
+
+
+def _sources(
+    tensors: list[torch.Tensor], picks: dict[str, tuple[tuple[int, bool], ...]], tp: TP | None
+) -> dict[str, list[torch.Tensor]]:
+    """Per device type, the tensors to pack in wire order (a TP slice: this rank's part)."""
     sources = {}
-    for dev, picks in plan.picks.items():
+    for dev, pk in picks.items():
         src = []
-        for i, s in picks:
+        for i, s in pk:
             t = tensors[i]
             if s:
                 t = t.reshape(tp.world, -1)[tp.rank]
             src.append(t)
         sources[dev] = src
-    flags = plan.flags | (hop.F_PICKLED if pickled else 0)
-    return Encoded(body, flags, plan.tp_world, plan.parts, sources)
+    return sources
 
 
 def _encode_full(
@@ -325,15 +337,7 @@ def _encode_full(
         parts[dev] = p
         if dev != "meta":
             picks[dev] = tuple((p.index[j], p.sliced[j]) for j in p.wire_order)
-    sources = {}
-    for dev, pk in picks.items():
-        src = []
-        for i, s in pk:
-            t = srcs[i]
-            if s:
-                t = t.reshape(world, -1)[tp.rank]
-            src.append(t)
-        sources[dev] = src
+    sources = _sources(srcs, picks, tp)
     flags = hop.F_SLICED if any_sliced else 0
     tp_world = world if any_sliced else 1
     enc = Encoded(body, flags | (hop.F_PICKLED if pickled else 0), tp_world, parts, sources)
@@ -423,10 +427,7 @@ def _schema_of(body: bytes, limits: Limits, tp_world: int) -> _Decoded:
         len(top_keys) != len(schema.keys),
         wired,
     )
-    with _MEMO_LOCK:
-        if len(_SCHEMA_MEMO) >= 256:
-            _SCHEMA_MEMO.pop(next(iter(_SCHEMA_MEMO)))
-        _SCHEMA_MEMO[key] = dec
+    _put_bounded(_SCHEMA_MEMO, _MEMO_LOCK, key, dec, 256)
     return dec
 
 
