@@ -53,7 +53,7 @@ class StageDriver:
     advance, while depth 1 already hides one transfer behind one compute.
 
     ``num_tokens`` gives the leading size of micro-batch ``k``'s payload (the serving case: the
-    scheduler already told every PP rank the batch); a :class:`~pipepack.pp.channel.Declared`
+    scheduler already told every PP rank the batch); a :class:`~pipepack.pp.declared.Declared`
     channel checks each hop against it. A sequence or ``k -> int``.
 
     ``receive`` (optional) turns a posted receive into the stage's input, e.g.
