@@ -431,56 +431,72 @@ class Link:
                 keep.append(dev_buf)
         head_len = head.numel()
         with self._send_lock:
-            if self._send_broken is not None:
-                raise RuntimeError(
-                    f"the link to {self.name} is out of step since a send failed "
-                    f"half-posted ({self._send_broken!r}); recreate the process "
-                    "group to recover"
-                ) from self._send_broken
-            seq = self._send_seq
-            what = f"send #{seq} to {self.name}"
-            _memmove(
-                head_ptr,
-                hop.pack_frame(
-                    flags, seq, head_len, body_len, cpu_n, chunk, dev_type, enc.tp_world, dev_n
-                ),
-                FRAME_BYTES,
-            )
-            works: list[Any] = []
-            try:
-                cg = self.cpu_group
-                peer, cpeer = self.peer_global, self._cpeer
-                works.append(transport.isend(head, peer, cg, HEAD_TAG, what, cpeer))
-                if rest is not None:
-                    works.append(transport.isend(rest, peer, cg, DATA_TAG, what, cpeer))
-                if chunk_msgs:
-                    for m in chunk_msgs:
-                        works.append(transport.isend(m, peer, cg, DATA_TAG, what, cpeer))
-                elif cpu_buf is not None:
+            # another thread may have switched to the peer's ring since this one chose this
+            # path: hops after the switch are read only from the ring, so this one (no seq yet,
+            # nothing posted) goes there too
+            rerouted = self.send_mode == "shm"
+            if not rerouted:
+                if self._send_broken is not None:
+                    raise RuntimeError(
+                        f"the link to {self.name} is out of step since a send failed "
+                        f"half-posted ({self._send_broken!r}); recreate the process "
+                        "group to recover"
+                    ) from self._send_broken
+                seq = self._send_seq
+                what = f"send #{seq} to {self.name}"
+                _memmove(
+                    head_ptr,
+                    hop.pack_frame(
+                        flags, seq, head_len, body_len, cpu_n, chunk, dev_type, enc.tp_world, dev_n
+                    ),
+                    FRAME_BYTES,
+                )
+                works: list[Any] = []
+                try:
+                    cg = self.cpu_group
+                    peer, cpeer = self.peer_global, self._cpeer
+                    works.append(transport.isend(head, peer, cg, HEAD_TAG, what, cpeer))
+                    if rest is not None:
+                        works.append(transport.isend(rest, peer, cg, DATA_TAG, what, cpeer))
+                    if chunk_msgs:
+                        for m in chunk_msgs:
+                            works.append(transport.isend(m, peer, cg, DATA_TAG, what, cpeer))
+                    elif cpu_buf is not None:
 
-                    def ready(s: int, e: int) -> None:
-                        works.append(transport.isend(cpu_buf[s:e], peer, cg, DATA_TAG, what, cpeer))
+                        def ready(s: int, e: int) -> None:
+                            works.append(
+                                transport.isend(cpu_buf[s:e], peer, cg, DATA_TAG, what, cpeer)
+                            )
 
-                    pack_cpu_finish(srcs, cpu.wire_layout, cpu_buf, dense, chunk=chunk, ready=ready)
-                if dev_n:
-                    works.append(transport.isend(dev_buf, peer, self.group, 0, what, self._gpeer))
-            except BaseException as e:
-                if works:  # part of the hop is on the wire: the peer is out of step
-                    self._send_broken = e
-                raise
-            self._send_seq += 1
-            pooled = [b for b in (head_base, cpu_base) if b is not None]
-            handle = Handle(
-                works,
-                keep,
-                what=what,
-                timeout=timeout,
-                on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
-            )
-            sent = self._sent  # pruned under the lock: two threads never pop the same front
-            sent.append(handle)
-            while sent and sent[0].done:
-                sent.popleft()
+                        pack_cpu_finish(
+                            srcs, cpu.wire_layout, cpu_buf, dense, chunk=chunk, ready=ready
+                        )
+                    if dev_n:
+                        works.append(
+                            transport.isend(dev_buf, peer, self.group, 0, what, self._gpeer)
+                        )
+                except BaseException as e:
+                    if works:  # part of the hop is on the wire: the peer is out of step
+                        self._send_broken = e
+                    raise
+                self._send_seq += 1
+                pooled = [b for b in (head_base, cpu_base) if b is not None]
+                handle = Handle(
+                    works,
+                    keep,
+                    what=what,
+                    timeout=timeout,
+                    on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
+                )
+                sent = self._sent  # pruned under the lock: two threads never pop the same front
+                sent.append(handle)
+                while sent and sent[0].done:
+                    sent.popleft()
+        if rerouted:
+            for b in (head_base, cpu_base):
+                if b is not None:
+                    self.send_pool.put(b)
+            return self._send_shm(enc, body, cpu, cpu_n, inline_len, timeout)
         if reap:
             REAPER.add(handle)
         return handle

@@ -33,7 +33,7 @@ from pipepack.testing import check_dict, run_ranks
 
 TIMEOUT_S = 60.0
 ROOT = Path(__file__).resolve().parents[1]
-TRANSPORTS = ["dist"] + (["shm"] if shm_mod.available() else [])
+TRANSPORTS = ["dist"] + (["shm", "auto"] if shm_mod.available() else [])
 
 
 def _use(transport: str) -> None:
@@ -96,6 +96,48 @@ def test_threads_sending_to_one_peer_never_interleave(transport: str, rows: int)
     """Three threads of one rank send to the same peer at once: every hop arrives whole and
     bit-exact, and each thread's hops stay in its order."""
     run_ranks(2, _threads_body, transport, rows, timeout_s=TIMEOUT_S)
+
+
+def _switch_race_body(rank: int, world: int) -> None:
+    _use("auto")
+    n_threads, n_hops = 4, 25
+    if rank == 0:
+        errors = []
+
+        def sender(tag: int) -> None:
+            try:
+                for k in range(n_hops):  # blocking and posted sends, from the link's first hop
+                    send = send_tensor_dict if (k + tag) % 2 else isend_tensor_dict
+                    send(_hop(tag, k, 2 + tag, 64))
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        ts = [threading.Thread(target=sender, args=(t,)) for t in range(n_threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
+        flush(TIMEOUT_S)
+        return
+    seen = dict.fromkeys(range(n_threads), 0)
+    for _ in range(n_threads * n_hops):
+        got = recv_tensor_dict()
+        tag, k = got["tag"], got["k"]
+        assert k == seen[tag], f"thread {tag}: hop {k} arrived where {seen[tag]} was due"
+        seen[tag] += 1
+        check_dict(got, _hop(tag, k, 2 + tag, 64))
+    assert _link(0).recv_mode == "shm"  # the hops after the switch came through the ring
+
+
+@pytest.mark.skipif(not shm_mod.available(), reason="no POSIX shared memory here")
+@pytest.mark.parametrize("attempt", range(8))
+def test_threads_sending_while_auto_switches_to_the_ring(attempt: int) -> None:
+    """With the default transport the first hops go over torch.distributed until the peer's
+    hello offers its ring, then the link switches. Threads sending small hops across that
+    switch: each thread's hops stay in order and exact (a hop that chose torch.distributed
+    just before another thread switched must not land behind the switch)."""
+    run_ranks(2, _switch_race_body, timeout_s=TIMEOUT_S)
 
 
 def _duplex_body(rank: int, world: int, transport: str) -> None:

@@ -417,6 +417,19 @@ def _cases() -> list:
                     id=f"pp{stages}-tp{tp}-bf16-depth2-declared-shm",
                 )
             )
+        if shm.available() and tp == 1:  # the default: torch.distributed until the switch
+            cases.append(
+                pytest.param(
+                    stages,
+                    tp,
+                    "bf16",
+                    2,
+                    "declared",
+                    "gloo",
+                    "auto",
+                    id=f"pp{stages}-tp{tp}-bf16-depth2-declared-auto",
+                )
+            )
         cases.append(
             pytest.param(
                 stages,
