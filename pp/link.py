@@ -511,10 +511,13 @@ class Link:
                 return
             if self._peer_ring_name is None:
                 if self.transport == "shm":
-                    raise RuntimeError(
-                        f"transport='shm': {self.name} is not on this host or did "
-                        "not offer a shared-memory ring"
+                    why = (
+                        "is on this host but offered no shared-memory ring (its transport is "
+                        "'dist', or shared memory is not usable there)"
+                        if self.same_host
+                        else "is not on this host"
                     )
+                    raise RuntimeError(f"transport='shm': {self.name} {why}")
                 self.send_mode = "dist"
                 return
             try:

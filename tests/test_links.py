@@ -252,6 +252,44 @@ def test_peers_configured_differently(transport: str, case: str) -> None:
     run_ranks(2, _mismatch_body, transport, case, timeout_s=TIMEOUT_S)
 
 
+def _transport_mismatch_body(rank: int, world: int, mine: str, theirs: str) -> None:
+    _use(mine if rank == 0 else theirs)
+    hops = [{"h": torch.randn(8 * (k + 1), 512).to(torch.bfloat16), "k": k} for k in range(6)]
+    if "shm" in (mine, theirs) and "dist" in (mine, theirs):  # no common transport
+        if rank == 0 and mine == "shm" or rank == 1 and theirs == "shm":
+            with pytest.raises(RuntimeError, match="on this host but offered no shared-memory"):
+                send_tensor_dict(hops[0], 1 - rank)
+                recv_tensor_dict(1 - rank)
+            return
+        with pytest.raises(RuntimeError):  # the peer gave up: raises, never hangs or aborts
+            recv_tensor_dict(1 - rank)
+            send_tensor_dict(hops[0], 1 - rank)
+        return
+    if rank == 0:
+        for h in hops:
+            send_tensor_dict(h, 1)
+        check_dict(recv_tensor_dict(1), hops[-1])
+    else:
+        for h in hops:
+            check_dict(recv_tensor_dict(0), h)
+        send_tensor_dict(hops[-1], 0)
+    flush(TIMEOUT_S)
+    used = _link(1 - rank).send_mode
+    assert used == ("dist" if "dist" in (mine, theirs) else "shm"), used
+
+
+@pytest.mark.skipif("shm" not in TRANSPORTS, reason="no POSIX shared memory here")
+@pytest.mark.parametrize(
+    "mine, theirs",
+    [("dist", "auto"), ("auto", "dist"), ("shm", "auto"), ("auto", "shm"), ("shm", "dist")],
+)
+def test_peers_configured_with_different_transports(mine: str, theirs: str) -> None:
+    """One end forces a transport, the other takes the default (or forces another): the hops
+    travel on what both can use, exact; with nothing in common ('shm' against 'dist') the end
+    that forced the ring raises why, and its peer raises too instead of waiting forever."""
+    run_ranks(2, _transport_mismatch_body, mine, theirs, timeout_s=TIMEOUT_S)
+
+
 def test_declared_sender_refuses_more_tokens_than_declared() -> None:
     """max_tokens bounds what a declared sender sends, before anything is posted."""
     decl = Declared.from_example(_D, max_tokens=16)
