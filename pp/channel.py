@@ -477,7 +477,12 @@ class TensorDictChannel:
         return PendingRecv(self.link, self.link.post_async(opts), opts.accept_wire)
 
     def recv(self, num_tokens: int | None = None, timeout: float | None = None) -> dict:
-        return self.irecv(num_tokens).wait(timeout)
+        """Receives the next hop on this thread (no hand-off to the link's progress thread:
+        the caller is waiting anyway)."""
+        if num_tokens is not None and (type(num_tokens) is not int or num_tokens < 0):
+            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+        opts = self._options(num_tokens)
+        return PendingRecv(self.link, self.link.post(opts), opts.accept_wire).wait(timeout)
 
     def irecv_posted(self) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
         """Reads the next head (blocking) and posts the payload receives: vLLM's async shape."""

@@ -185,6 +185,7 @@ class Link:
         self._queue: collections.deque[_Incoming] = collections.deque()
         self._recv_broken: BaseException | None = None
         self._progress: collections.deque[_Incoming] = collections.deque()
+        self._waiting: list[None] = []  # one entry per caller inside advance() (append/pop)
         self._progress_cv = threading.Condition()
         self._progress_thread: threading.Thread | None = None
         self.head_pool = BufferPool()
@@ -703,65 +704,105 @@ class Link:
                         self._progress_thread = None
                         return
                 inc = self._progress.popleft()()
-            if inc is None or inc.advanced:
-                continue
+            if inc is None or inc.advanced or self._waiting:
+                continue  # a caller waiting on this link reads the hops itself
             try:
-                self.advance(inc, None)
+                self.advance(inc, None, background=True)
+                if not inc.advanced and self.recv_mode == "shm":
+                    self._progress_ring(inc)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
                 pass
             del inc
 
+    def _progress_ring(self, inc: _Incoming) -> None:
+        """The progress thread on the ring, where nothing can be posted early: reads hops up to
+        ``inc``'s as they are published, but only while no caller waits on this link. A waiting
+        caller reads them on its own thread; waking it from here would cost two thread switches
+        per hop. The wait for a publication holds no lock (a futex sleep, no spin)."""
+        ring = self._ring
+        t = inc.opts.timeout
+        while not inc.advanced and not self._waiting:
+            if not ring.published():
+                try:
+                    ring.wait_published(_RING_DEFAULT_TIMEOUT if t is None else t)
+                except BaseException:  # noqa: BLE001 - the caller's own wait() raises it
+                    return
+                continue
+            if self._waiting:
+                return
+            try:
+                front = self._queue[0]
+            except IndexError:
+                return
+            self.advance(front, None, background=True)
+
     def advance(
-        self, inc: _Incoming, timeout: float | None = None
+        self, inc: _Incoming, timeout: float | None = None, *, background: bool = False
     ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
-        """Reads heads in order up to ``inc``'s and posts their follow-on receives."""
+        """Reads heads in order up to ``inc``'s and posts their follow-on receives.
+
+        ``background`` (the progress thread): does nothing while a caller waits on this link
+        (that caller reads the hops on its own thread; a hand-off would cost two thread switches
+        per hop), and on the ring stops at a hop not yet published (:meth:`_progress_ring` waits
+        for it without the read lock)."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
-            if not self._advance_lock.acquire(timeout=-1 if t is None else t):
-                raise TimeoutError(
-                    f"receive #{inc.seq} from {self.name} did not complete within "
-                    f"{t} s (still posted: a later wait() can complete it)"
-                )
+            if background:
+                if self._waiting:  # the waiting caller reads it on its own thread: no hand-off
+                    return inc.result
+            else:
+                self._waiting.append(None)
             try:
-                while not inc.advanced:
-                    self._check_recv_broken()
-                    front = self._queue[0]
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    arrival = None
-                    if self.recv_mode == "shm":
-                        arrival = self._ring.wait(
-                            _RING_DEFAULT_TIMEOUT if left is None else left,
-                            what=f"receive #{front.seq} from {self.name}",
-                        )
-                    else:
-                        if front.handle is None:
-                            with self._post_lock:
-                                if front.handle is None:
-                                    self._post_head(front)
-                        front.handle.wait(left)
-                        raw = ctypes.string_at(front.buf.data_ptr(), FRAME_BYTES)
-                        if raw[6] == hop.F_SWITCH and not raw[7]:
-                            self._switch(front, raw)
-                            front.handle = None
-                            front.buf = None
-                            continue
-                    self._queue.popleft()
-                    try:
-                        if arrival is not None:
-                            self._read_arrival(front, arrival)
+                if not self._advance_lock.acquire(timeout=-1 if t is None or background else t):
+                    raise TimeoutError(
+                        f"receive #{inc.seq} from {self.name} did not complete within "
+                        f"{t} s (still posted: a later wait() can complete it)"
+                    )
+                try:
+                    while not inc.advanced:
+                        self._check_recv_broken()
+                        front = self._queue[0]
+                        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                        arrival = None
+                        if self.recv_mode == "shm":
+                            if background and not self._ring.published():
+                                break  # not here yet: _progress_ring waits for it without the lock
+                            arrival = self._ring.wait(
+                                _RING_DEFAULT_TIMEOUT if left is None else left,
+                                what=f"receive #{front.seq} from {self.name}",
+                            )
                         else:
-                            self._read(front, raw)
-                    except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
-                        front.error = e
-                        self._recv_broken = e
-                    front.advanced = True
-            except BaseException as e:
-                if not isinstance(e, TimeoutError):
-                    self._recv_broken = self._recv_broken or e
-                raise
+                            if front.handle is None:
+                                with self._post_lock:
+                                    if front.handle is None:
+                                        self._post_head(front)
+                            front.handle.wait(left)
+                            raw = ctypes.string_at(front.buf.data_ptr(), FRAME_BYTES)
+                            if raw[6] == hop.F_SWITCH and not raw[7]:
+                                self._switch(front, raw)
+                                front.handle = None
+                                front.buf = None
+                                continue
+                        self._queue.popleft()
+                        try:
+                            if arrival is not None:
+                                self._read_arrival(front, arrival)
+                            else:
+                                self._read(front, raw)
+                        except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
+                            front.error = e
+                            self._recv_broken = e
+                        front.advanced = True
+                except BaseException as e:
+                    if not isinstance(e, TimeoutError):
+                        self._recv_broken = self._recv_broken or e
+                    raise
+                finally:
+                    self._advance_lock.release()
             finally:
-                self._advance_lock.release()
+                if not background:
+                    self._waiting.pop()
         if inc.error is not None:
             raise inc.error
         return inc.result
