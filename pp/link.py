@@ -684,6 +684,10 @@ class Link:
         """Posts the next head receive and has a thread read it as soon as it arrives, so the
         hop's payload receives are posted (and its bytes move) while the caller computes."""
         inc = self.post(opts)
+        if self.recv_mode == "shm":
+            # the ring: the sender's copy already put the bytes in place; the caller reads the
+            # hop at wait() (waking a second thread would cost two thread switches per hop)
+            return inc
         with self._progress_cv:
             # weakly: a receive its caller already completed must not be kept (with its views,
             # and so its buffer or ring slot) by a progress thread that is behind
@@ -708,33 +712,9 @@ class Link:
                 continue  # a caller waiting on this link reads the hops itself
             try:
                 self.advance(inc, None, background=True)
-                if not inc.advanced and self.recv_mode == "shm":
-                    self._progress_ring(inc)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
                 pass
             del inc
-
-    def _progress_ring(self, inc: _Incoming) -> None:
-        """The progress thread on the ring, where nothing can be posted early: reads hops up to
-        ``inc``'s as they are published, but only while no caller waits on this link. A waiting
-        caller reads them on its own thread; waking it from here would cost two thread switches
-        per hop. The wait for a publication holds no lock (a futex sleep, no spin)."""
-        ring = self._ring
-        t = inc.opts.timeout
-        while not inc.advanced and not self._waiting:
-            if not ring.published():
-                try:
-                    ring.wait_published(_RING_DEFAULT_TIMEOUT if t is None else t)
-                except BaseException:  # noqa: BLE001 - the caller's own wait() raises it
-                    return
-                continue
-            if self._waiting:
-                return
-            try:
-                front = self._queue[0]
-            except IndexError:
-                return
-            self.advance(front, None, background=True)
 
     def advance(
         self, inc: _Incoming, timeout: float | None = None, *, background: bool = False
@@ -743,8 +723,8 @@ class Link:
 
         ``background`` (the progress thread): does nothing while a caller waits on this link
         (that caller reads the hops on its own thread; a hand-off would cost two thread switches
-        per hop), and on the ring stops at a hop not yet published (:meth:`_progress_ring` waits
-        for it without the read lock)."""
+        per hop), and stops at a ring hop not yet published (the link switched to the ring
+        while it read: from there on, the callers read)."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
@@ -767,7 +747,7 @@ class Link:
                         arrival = None
                         if self.recv_mode == "shm":
                             if background and not self._ring.published():
-                                break  # not here yet: _progress_ring waits for it without the lock
+                                break  # not here yet: the caller reads it at wait()
                             arrival = self._ring.wait(
                                 _RING_DEFAULT_TIMEOUT if left is None else left,
                                 what=f"receive #{front.seq} from {self.name}",

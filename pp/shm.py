@@ -668,16 +668,12 @@ def _wait_change(
     deadline: float | None,
     spin_s: float,
     check,
-    sleepers: threading.Lock | None = None,
 ) -> bool:
     """Waits until ``ctl[word] != seen``: spins for ``spin_s`` (batches of plain reads of the
     word, a clock read and, unless disabled, a ``sched_yield`` between batches), then sleeps on
     the word's futex, announcing itself in ``wait_word``, at most :data:`MAX_SLEEP_S` per sleep.
     Once past the spin, ``check()`` (which may raise) runs every ``_LIVENESS_PERIOD_S``.
-    False at ``deadline`` (monotonic seconds; None = never) with the word unchanged.
-
-    ``sleepers``: several threads of this end may sleep on the word at once, so ``wait_word``
-    counts them (changed under this lock) instead of being set to 1 and back to 0."""
+    False at ``deadline`` (monotonic seconds; None = never) with the word unchanged."""
     ctl = seg.ctl
     now = time.monotonic
     t = now()
@@ -700,26 +696,17 @@ def _wait_change(
             next_check = t + _LIVENESS_PERIOD_S
         if deadline is not None and t >= deadline:
             return ctl[word] != seen
-        _announce(ctl, wait_word, 1, sleepers)
+        ctl[wait_word] = 1
         seg.fence(1.0)  # the flag store before the re-read (see _Seg.store2)
         if ctl[word] != seen:
-            _announce(ctl, wait_word, -1, sleepers)
+            ctl[wait_word] = 0
             return True
         nap = MAX_SLEEP_S if deadline is None else max(min(MAX_SLEEP_S, deadline - t), 0.0)
         _futex_wait(addr, seen, nap)
-        _announce(ctl, wait_word, -1, sleepers)
+        ctl[wait_word] = 0
         if ctl[word] != seen:
             return True
         t = now()
-
-
-def _announce(ctl: memoryview, wait_word: int, step: int, sleepers: threading.Lock | None) -> None:
-    """A sleeper announces itself in ``wait_word`` (step 1) and withdraws (step -1)."""
-    if sleepers is None:
-        ctl[wait_word] = 1 if step > 0 else 0
-        return
-    with sleepers:
-        ctl[wait_word] = max(ctl[wait_word] + step, 0)
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -864,7 +851,6 @@ class RecvRing:
         self._ext: list[_Mapped | None] = [None] * slots
         self._retired = 0  # the sender's retire count as last acted on
         self._lock = threading.Lock()
-        self._sleepers = threading.Lock()  # wait() and wait_published() may sleep at once
         self._held_lock = threading.RLock()  # weakref callbacks may run inside wait()
         self._closed = False
         self._sender: tuple[int, int] | None = None
@@ -942,7 +928,6 @@ class RecvRing:
                     _deadline(t),
                     self.spin_s,
                     lambda: self._check(seq, f"waiting for {step}"),
-                    self._sleepers,
                 ):
                     self._check(seq, f"waiting for {step}")
                     raise TimeoutError(
@@ -970,33 +955,6 @@ class RecvRing:
     def published(self) -> bool:
         """True when the next hop in order is published (a plain read; :meth:`wait` takes it)."""
         return self._seg.ctl[H_TAIL] >= self._next
-
-    def wait_published(self, timeout: float | None = None) -> bool:
-        """Sleeps (no spin) until the next hop in order is published, without taking it and
-        without this end's lock, so a thread that calls :meth:`wait` meanwhile reads the hop
-        itself at once. False at the timeout; raises as :meth:`wait` does for a dead or closed
-        sender."""
-        t = self.timeout if timeout is None else timeout
-        if t is not None and not t >= 0:
-            _check_timeout(t)
-        if self._closed:
-            raise RuntimeError(f"shm ring {self.name} is closed")
-        seq = self._next
-        seg = self._seg
-        seen = seg.ctl[H_TAIL]
-        if seen >= seq:
-            return True
-        step = f"waiting for hop seq {seq}"
-        return _wait_change(
-            seg,
-            H_TAIL,
-            seen,
-            H_RWAIT,
-            _deadline(t),
-            0.0,
-            lambda: self._check(seq, step),
-            self._sleepers,
-        )
 
     def _bad(self, seq: int, what: str | None, msg: str) -> CorruptRing:
         return CorruptRing(
