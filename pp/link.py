@@ -74,6 +74,7 @@ _HELLO = struct.Struct("<4sHHIIQ32sH")  # ... host id, ring name length; the nam
 _HELLO_MAGIC = b"PPKH"
 _COPY_OUT_RATIO = 4  # a received hop never pins a head buffer more than 4x its own size
 _SHM_COPY_OUT = 256 << 10  # smaller shared-memory hops are copied out: they never hold a slot
+_RING_CALLER_READS = 2  # unread receives on the ring that the caller reads itself (post_async)
 TRANSPORTS = ("auto", "dist", "shm")
 
 
@@ -90,7 +91,17 @@ def host_identity() -> bytes:
 class _Incoming:
     """One posted head receive and what became of it."""
 
-    __slots__ = ("seq", "buf", "handle", "opts", "advanced", "result", "error", "__weakref__")
+    __slots__ = (
+        "seq",
+        "buf",
+        "handle",
+        "opts",
+        "advanced",
+        "handed",
+        "result",
+        "error",
+        "__weakref__",
+    )
 
     def __init__(self, seq: int, buf: torch.Tensor, handle: Handle, opts: Any) -> None:
         self.seq = seq
@@ -98,6 +109,7 @@ class _Incoming:
         self.handle = handle
         self.opts = opts
         self.advanced = False
+        self.handed = False  # given to the progress thread (the ring's receives posted far ahead)
         self.result: tuple[dict, list[Handle], list[Callable[[], None]]] | None = None
         self.error: BaseException | None = None
 
@@ -185,7 +197,6 @@ class Link:
         self._queue: collections.deque[_Incoming] = collections.deque()
         self._recv_broken: BaseException | None = None
         self._progress: collections.deque[_Incoming] = collections.deque()
-        self._waiting: list[None] = []  # one entry per caller inside advance() (append/pop)
         self._progress_cv = threading.Condition()
         self._progress_thread: threading.Thread | None = None
         self.head_pool = BufferPool()
@@ -685,13 +696,24 @@ class Link:
         hop's payload receives are posted (and its bytes move) while the caller computes."""
         inc = self.post(opts)
         if self.recv_mode == "shm":
-            # the ring: the sender's copy already put the bytes in place; the caller reads the
-            # hop at wait() (waking a second thread would cost two thread switches per hop)
-            return inc
+            # On the ring the sender's copy already put the bytes in place: the caller reads the
+            # next hops itself at wait(), which spares the two thread switches of a hand-off. Only
+            # when more receives are posted than that do they all go to the progress thread, so
+            # hops nobody reads yet never fill the ring and stall the sender.
+            with self._post_lock:
+                unread = [i for i in list(self._queue) if not i.advanced]
+                if len(unread) <= _RING_CALLER_READS:
+                    return inc
+                ahead = [i for i in unread if not i.handed]
+                for i in ahead:
+                    i.handed = True
+        else:
+            ahead = [inc]
+            inc.handed = True
         with self._progress_cv:
             # weakly: a receive its caller already completed must not be kept (with its views,
             # and so its buffer or ring slot) by a progress thread that is behind
-            self._progress.append(weakref.ref(inc))
+            self._progress.extend(weakref.ref(i) for i in ahead)
             if self._progress_thread is None or not self._progress_thread.is_alive():
                 self._progress_thread = threading.Thread(
                     target=self._run_progress, name=f"pipepack-recv-{self.peer_global}", daemon=True
@@ -708,81 +730,65 @@ class Link:
                         self._progress_thread = None
                         return
                 inc = self._progress.popleft()()
-            if inc is None or inc.advanced or self._waiting:
-                continue  # a caller waiting on this link reads the hops itself
+            if inc is None or inc.advanced:
+                continue
             try:
-                self.advance(inc, None, background=True)
+                self.advance(inc, None)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
                 pass
             del inc
 
     def advance(
-        self, inc: _Incoming, timeout: float | None = None, *, background: bool = False
+        self, inc: _Incoming, timeout: float | None = None
     ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
-        """Reads heads in order up to ``inc``'s and posts their follow-on receives.
-
-        ``background`` (the progress thread): does nothing while a caller waits on this link
-        (that caller reads the hops on its own thread; a hand-off would cost two thread switches
-        per hop), and stops at a ring hop not yet published (the link switched to the ring
-        while it read: from there on, the callers read)."""
+        """Reads heads in order up to ``inc``'s and posts their follow-on receives."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
-            if background:
-                if self._waiting:  # the waiting caller reads it on its own thread: no hand-off
-                    return inc.result
-            else:
-                self._waiting.append(None)
+            if not self._advance_lock.acquire(timeout=-1 if t is None else t):
+                raise TimeoutError(
+                    f"receive #{inc.seq} from {self.name} did not complete within "
+                    f"{t} s (still posted: a later wait() can complete it)"
+                )
             try:
-                if not self._advance_lock.acquire(timeout=-1 if t is None or background else t):
-                    raise TimeoutError(
-                        f"receive #{inc.seq} from {self.name} did not complete within "
-                        f"{t} s (still posted: a later wait() can complete it)"
-                    )
-                try:
-                    while not inc.advanced:
-                        self._check_recv_broken()
-                        front = self._queue[0]
-                        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                        arrival = None
-                        if self.recv_mode == "shm":
-                            if background and not self._ring.published():
-                                break  # not here yet: the caller reads it at wait()
-                            arrival = self._ring.wait(
-                                _RING_DEFAULT_TIMEOUT if left is None else left,
-                                what=f"receive #{front.seq} from {self.name}",
-                            )
+                while not inc.advanced:
+                    self._check_recv_broken()
+                    front = self._queue[0]
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    arrival = None
+                    if self.recv_mode == "shm":
+                        arrival = self._ring.wait(
+                            _RING_DEFAULT_TIMEOUT if left is None else left,
+                            what=f"receive #{front.seq} from {self.name}",
+                        )
+                    else:
+                        if front.handle is None:
+                            with self._post_lock:
+                                if front.handle is None:
+                                    self._post_head(front)
+                        front.handle.wait(left)
+                        raw = ctypes.string_at(front.buf.data_ptr(), FRAME_BYTES)
+                        if raw[6] == hop.F_SWITCH and not raw[7]:
+                            self._switch(front, raw)
+                            front.handle = None
+                            front.buf = None
+                            continue
+                    self._queue.popleft()
+                    try:
+                        if arrival is not None:
+                            self._read_arrival(front, arrival)
                         else:
-                            if front.handle is None:
-                                with self._post_lock:
-                                    if front.handle is None:
-                                        self._post_head(front)
-                            front.handle.wait(left)
-                            raw = ctypes.string_at(front.buf.data_ptr(), FRAME_BYTES)
-                            if raw[6] == hop.F_SWITCH and not raw[7]:
-                                self._switch(front, raw)
-                                front.handle = None
-                                front.buf = None
-                                continue
-                        self._queue.popleft()
-                        try:
-                            if arrival is not None:
-                                self._read_arrival(front, arrival)
-                            else:
-                                self._read(front, raw)
-                        except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
-                            front.error = e
-                            self._recv_broken = e
-                        front.advanced = True
-                except BaseException as e:
-                    if not isinstance(e, TimeoutError):
-                        self._recv_broken = self._recv_broken or e
-                    raise
-                finally:
-                    self._advance_lock.release()
+                            self._read(front, raw)
+                    except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
+                        front.error = e
+                        self._recv_broken = e
+                    front.advanced = True
+            except BaseException as e:
+                if not isinstance(e, TimeoutError):
+                    self._recv_broken = self._recv_broken or e
+                raise
             finally:
-                if not background:
-                    self._waiting.pop()
+                self._advance_lock.release()
         if inc.error is not None:
             raise inc.error
         return inc.result

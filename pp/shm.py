@@ -952,10 +952,6 @@ class RecvRing:
             self._fenced = tail if seq <= tail < seq + self.slots else 0  # else _take refuses it
             return self._take(seq, what)
 
-    def published(self) -> bool:
-        """True when the next hop in order is published (a plain read; :meth:`wait` takes it)."""
-        return self._seg.ctl[H_TAIL] >= self._next
-
     def _bad(self, seq: int, what: str | None, msg: str) -> CorruptRing:
         return CorruptRing(
             f"shm ring {self.name}: corrupt control block reading {what or f'hop seq {seq}'} "

@@ -748,6 +748,34 @@ def test_a_lagging_progress_thread_does_not_hold_ring_slots() -> None:
     run_ranks(2, _lagging_progress_body, timeout_s=TIMEOUT_S)
 
 
+def _posted_ahead_body(rank: int, world: int, transport: str) -> None:
+    _use(transport)
+    n = 12  # more receives posted ahead than the ring has slots (4)
+    if rank == 0:
+        send_tensor_dict({"k": -1})  # the link's first hop (and its switch to the ring, if any)
+        for k in range(n):
+            send_tensor_dict({"k": k, "x": torch.full((64,), float(k))})
+        dist.barrier()
+        return
+    ch = TensorDictChannel(0, timeout=TIMEOUT_S)
+    assert ch.recv()["k"] == -1
+    pending = [ch.irecv() for _ in range(n)]
+    # the sender's blocking sends must complete before this side waits on any receive: the
+    # posted receives take the hops as they come (gloo: the posted heads; the ring: the
+    # progress thread frees each small hop's slot)
+    dist.barrier()
+    for k, p in enumerate(pending):
+        got = p.wait()
+        assert got["k"] == k and torch.equal(got["x"], torch.full((64,), float(k)))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_receives_posted_ahead_take_hops_before_anyone_waits(transport: str) -> None:
+    """A receiver posts 12 receives, then meets the sender at a barrier the sender reaches only
+    after its 12 blocking sends, then waits on them: nothing may stall on the ring's 4 slots."""
+    run_ranks(2, _posted_ahead_body, transport, timeout_s=TIMEOUT_S)
+
+
 def _straddle_dicts() -> list[dict]:
     g = torch.Generator().manual_seed(11)
     out = []
