@@ -733,15 +733,19 @@ class Link:
             if inc is None or inc.advanced:
                 continue
             try:
-                self.advance(inc, None)
+                self.advance(inc, None, background=True)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
                 pass
             del inc
 
     def advance(
-        self, inc: _Incoming, timeout: float | None = None
+        self, inc: _Incoming, timeout: float | None = None, *, background: bool = False
     ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
-        """Reads heads in order up to ``inc``'s and posts their follow-on receives."""
+        """Reads heads in order up to ``inc``'s and posts their follow-on receives.
+
+        ``background``: the progress thread reads them, ahead of any caller: a ring hop is then
+        copied out of its slot whatever its size, so receives nobody waits for yet never hold
+        the ring's slots (the sender would stall on them)."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
@@ -776,7 +780,7 @@ class Link:
                     self._queue.popleft()
                     try:
                         if arrival is not None:
-                            self._read_arrival(front, arrival)
+                            self._read_arrival(front, arrival, background)
                         else:
                             self._read(front, raw)
                     except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
@@ -803,7 +807,7 @@ class Link:
             )
         self.recv_mode = "shm"
 
-    def _read_arrival(self, inc: _Incoming, arrival: Any) -> None:
+    def _read_arrival(self, inc: _Incoming, arrival: Any, copy_out: bool = False) -> None:
         """A hop in a slot of this end's ring: laid out exactly like an INLINE head."""
         slot = arrival.payload
         arrival.release()
@@ -816,7 +820,7 @@ class Link:
                 f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
                 f"holds a frame of {frame.head_len}"
             )
-        if frame.cpu_nbytes and frame.cpu_nbytes <= _SHM_COPY_OUT:
+        if frame.cpu_nbytes and (copy_out or frame.cpu_nbytes <= _SHM_COPY_OUT):
             copy = self.recv_pool.get(n)[:n]
             _memmove(copy.data_ptr(), slot.data_ptr(), n)
             head = copy

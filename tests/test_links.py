@@ -748,32 +748,37 @@ def test_a_lagging_progress_thread_does_not_hold_ring_slots() -> None:
     run_ranks(2, _lagging_progress_body, timeout_s=TIMEOUT_S)
 
 
-def _posted_ahead_body(rank: int, world: int, transport: str) -> None:
+def _posted_ahead_body(rank: int, world: int, transport: str, rows: int) -> None:
     _use(transport)
     n = 12  # more receives posted ahead than the ring has slots (4)
+
+    def hop(k: int) -> dict:
+        return {"k": k, "x": torch.full((rows, 64), float(k))}
+
     if rank == 0:
         send_tensor_dict({"k": -1})  # the link's first hop (and its switch to the ring, if any)
         for k in range(n):
-            send_tensor_dict({"k": k, "x": torch.full((64,), float(k))})
+            send_tensor_dict(hop(k))
         dist.barrier()
         return
     ch = TensorDictChannel(0, timeout=TIMEOUT_S)
     assert ch.recv()["k"] == -1
     pending = [ch.irecv() for _ in range(n)]
     # the sender's blocking sends must complete before this side waits on any receive: the
-    # posted receives take the hops as they come (gloo: the posted heads; the ring: the
-    # progress thread frees each small hop's slot)
+    # posted receives take the hops as they come (gloo: the posted heads and the progress
+    # thread; the ring: the progress thread, which copies each hop out of its slot)
     dist.barrier()
     for k, p in enumerate(pending):
-        got = p.wait()
-        assert got["k"] == k and torch.equal(got["x"], torch.full((64,), float(k)))
+        check_dict(p.wait(), hop(k))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_receives_posted_ahead_take_hops_before_anyone_waits(transport: str) -> None:
+@pytest.mark.parametrize("rows", [1, 4096], ids=["256B", "1MiB"])
+def test_receives_posted_ahead_take_hops_before_anyone_waits(transport: str, rows: int) -> None:
     """A receiver posts 12 receives, then meets the sender at a barrier the sender reaches only
-    after its 12 blocking sends, then waits on them: nothing may stall on the ring's 4 slots."""
-    run_ranks(2, _posted_ahead_body, transport, timeout_s=TIMEOUT_S)
+    after its 12 blocking sends, then waits on them: nothing may stall on the ring's 4 slots,
+    small hops or large (zero-copy) ones."""
+    run_ranks(2, _posted_ahead_body, transport, rows, timeout_s=TIMEOUT_S)
 
 
 def _straddle_dicts() -> list[dict]:
