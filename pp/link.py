@@ -744,8 +744,9 @@ class Link:
         """Reads heads in order up to ``inc``'s and posts their follow-on receives.
 
         ``background``: the progress thread reads them, ahead of any caller: a ring hop is then
-        copied out of its slot whatever its size, so receives nobody waits for yet never hold
-        the ring's slots (the sender would stall on them)."""
+        copied out of its slot, whatever its size, when this end already holds another slot,
+        so receives nobody waits for yet never hold the ring's slots (the sender would stall on
+        them)."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
@@ -820,7 +821,12 @@ class Link:
                 f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
                 f"holds a frame of {frame.head_len}"
             )
-        if frame.cpu_nbytes and (copy_out or frame.cpu_nbytes <= _SHM_COPY_OUT):
+        # a hop read ahead of its caller stays in its slot only while this end holds no other
+        # slot: the sender can then still place one more hop of any size within the ring's bound
+        # (two of the largest), so hops nobody waits for yet never stall it
+        if frame.cpu_nbytes and (
+            frame.cpu_nbytes <= _SHM_COPY_OUT or (copy_out and len(self._ring.held()) > 1)
+        ):
             copy = self.recv_pool.get(n)[:n]
             _memmove(copy.data_ptr(), slot.data_ptr(), n)
             head = copy
