@@ -60,16 +60,27 @@ def _hop(tag: int, k: int, rows: int, cols: int = 4096) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _threads_body(rank: int, world: int, transport: str, rows: int) -> None:
+def _threads_body(
+    rank: int,
+    world: int,
+    transport: str,
+    rows: int,
+    cols: int = 4096,
+    n_threads: int = 3,
+    n_hops: int = 6,
+    mixed: bool = False,
+) -> None:
+    """``n_threads`` threads of rank 0 send ``n_hops`` hops each to rank 1 (``mixed``: blocking
+    and posted sends alternating), which checks every hop's bytes and each thread's order."""
     _use(transport)
-    n_threads, n_hops = 3, 6
     if rank == 0:
         errors = []
 
         def sender(tag: int) -> None:
             try:
                 for k in range(n_hops):
-                    isend_tensor_dict(_hop(tag, k, rows + tag))
+                    send = send_tensor_dict if mixed and (k + tag) % 2 else isend_tensor_dict
+                    send(_hop(tag, k, rows + tag, cols))
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
 
@@ -87,7 +98,9 @@ def _threads_body(rank: int, world: int, transport: str, rows: int) -> None:
         tag, k = got["tag"], got["k"]
         assert k == seen[tag], f"thread {tag}: hop {k} arrived where {seen[tag]} was due"
         seen[tag] += 1
-        check_dict(got, _hop(tag, k, rows + tag))
+        check_dict(got, _hop(tag, k, rows + tag, cols))
+    if transport != "dist":  # the hops after the switch came through the ring
+        assert _link(0).recv_mode == "shm"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -98,46 +111,15 @@ def test_threads_sending_to_one_peer_never_interleave(transport: str, rows: int)
     run_ranks(2, _threads_body, transport, rows, timeout_s=TIMEOUT_S)
 
 
-def _switch_race_body(rank: int, world: int) -> None:
-    _use("auto")
-    n_threads, n_hops = 4, 25
-    if rank == 0:
-        errors = []
-
-        def sender(tag: int) -> None:
-            try:
-                for k in range(n_hops):  # blocking and posted sends, from the link's first hop
-                    send = send_tensor_dict if (k + tag) % 2 else isend_tensor_dict
-                    send(_hop(tag, k, 2 + tag, 64))
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-
-        ts = [threading.Thread(target=sender, args=(t,)) for t in range(n_threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        assert not errors, errors
-        flush(TIMEOUT_S)
-        return
-    seen = dict.fromkeys(range(n_threads), 0)
-    for _ in range(n_threads * n_hops):
-        got = recv_tensor_dict()
-        tag, k = got["tag"], got["k"]
-        assert k == seen[tag], f"thread {tag}: hop {k} arrived where {seen[tag]} was due"
-        seen[tag] += 1
-        check_dict(got, _hop(tag, k, 2 + tag, 64))
-    assert _link(0).recv_mode == "shm"  # the hops after the switch came through the ring
-
-
 @pytest.mark.skipif(not shm_mod.available(), reason="no POSIX shared memory here")
 @pytest.mark.parametrize("attempt", range(8))
 def test_threads_sending_while_auto_switches_to_the_ring(attempt: int) -> None:
     """With the default transport the first hops go over torch.distributed until the peer's
-    hello offers its ring, then the link switches. Threads sending small hops across that
-    switch: each thread's hops stay in order and exact (a hop that chose torch.distributed
-    just before another thread switched must not land behind the switch)."""
-    run_ranks(2, _switch_race_body, timeout_s=TIMEOUT_S)
+    hello offers its ring, then the link switches. Four threads sending small hops across that
+    switch, blocking and posted sends from the link's first hop: each thread's hops stay in
+    order and exact (a hop that chose torch.distributed just before another thread switched
+    must not land behind the switch)."""
+    run_ranks(2, _threads_body, "auto", 2, 64, 4, 25, True, timeout_s=TIMEOUT_S)
 
 
 def _duplex_body(rank: int, world: int, transport: str) -> None:

@@ -404,7 +404,9 @@ def _cases() -> list:
                     )
     # every topology once through the same-host ring, and through the fused receive op
     for stages, tp in ((2, 1), (3, 1), (4, 1), (2, 2)):
-        if shm.available():
+        # the ring forced, and the default (torch.distributed until the switch to the ring)
+        links = (("shm", "auto") if tp == 1 else ("shm",)) if shm.available() else ()
+        for link in links:
             cases.append(
                 pytest.param(
                     stages,
@@ -413,21 +415,8 @@ def _cases() -> list:
                     2,
                     "declared",
                     "gloo",
-                    "shm",
-                    id=f"pp{stages}-tp{tp}-bf16-depth2-declared-shm",
-                )
-            )
-        if shm.available() and tp == 1:  # the default: torch.distributed until the switch
-            cases.append(
-                pytest.param(
-                    stages,
-                    tp,
-                    "bf16",
-                    2,
-                    "declared",
-                    "gloo",
-                    "auto",
-                    id=f"pp{stages}-tp{tp}-bf16-depth2-declared-auto",
+                    link,
+                    id=f"pp{stages}-tp{tp}-bf16-depth2-declared-{link}",
                 )
             )
         cases.append(
