@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from pipepack.testing import baselines as engine_baselines
+from pipepack.testing import random_bytes
 
 SCENARIOS = [
     "decode_bs1",
@@ -126,13 +127,7 @@ def make_payload(scenario: str, device: torch.device, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape, dtype):
-        n = 1
-        for s in shape:
-            n *= s
-        raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g)
-        if dtype == torch.bool:
-            raw = raw % 2
-        return raw.view(dtype).view(shape).to(device)
+        return random_bytes(tuple(shape), dtype, g).to(device)
 
     if scenario.startswith("decode_bs") or scenario == "tp2":
         bs = 64 if scenario == "tp2" else int(scenario[len("decode_bs") :])

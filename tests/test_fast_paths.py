@@ -28,7 +28,7 @@ from pipepack.pp.wire import (
     decode_frame,
     encode_frame,
 )
-from pipepack.testing import check_dict, raw_bytes
+from pipepack.testing import check_dict, random_bytes, raw_bytes
 
 DTYPES = [
     torch.bool,
@@ -49,15 +49,7 @@ DTYPES = [
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random bytes of ``dtype`` (NaN payloads and all), via an integer view."""
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for s in shape:
-        n *= s
-    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g)
-    if dtype == torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).reshape(shape)
+    return random_bytes(shape, dtype, torch.Generator().manual_seed(seed))
 
 
 def _round_trip(d: dict[str, Any], enc: codec.Encoded) -> dict[str, Any]:

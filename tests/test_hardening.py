@@ -58,7 +58,7 @@ from pipepack.pp import link as pp_link
 from pipepack.pp import transport as pp_transport
 from pipepack.pp.wire import DEVICE_CODES, DTYPE_CODES, Frame, align16, encode_body, encode_frame
 from pipepack.pp.wire import hop as wire_hop
-from pipepack.testing import check_dict, raw_bytes, run_ranks
+from pipepack.testing import check_dict, random_bytes, raw_bytes, run_ranks
 
 TIMEOUT_S = 30.0  # gloo group timeout of the runs below
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -118,10 +118,7 @@ def _random_tensor(
     g = torch.Generator().manual_seed(seed)
 
     def raw(s: tuple[int, ...]) -> torch.Tensor:
-        b = torch.randint(0, 256, (math.prod(s) * dtype.itemsize,), dtype=torch.uint8, generator=g)
-        if dtype == torch.bool:
-            b &= 1
-        return b.view(dtype).reshape(s)
+        return random_bytes(s, dtype, g)
 
     nd = len(shape)
     if view == "transposed" and nd >= 2:

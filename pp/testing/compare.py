@@ -9,6 +9,20 @@ from typing import Any
 import torch
 
 
+def random_bytes(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A CPU tensor of ``shape`` whose bytes are random (NaN payloads, -0.0 and denormals
+    included); a bool holds only 0 and 1, the values a bool may have."""
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
+    if dtype == torch.bool:
+        raw &= 1
+    return raw.view(dtype).reshape(shape)
+
+
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """A tensor's bytes, for bit-exact comparison (NaN payloads and -0.0 included).
 
