@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import decode_encoded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,12 +22,7 @@ from pipepack.kernels.ops import (
 from pipepack.pp import codec
 from pipepack.pp.wire import (
     DEFAULT_LIMITS,
-    F_INLINE,
-    Frame,
     Limits,
-    align16,
-    decode_frame,
-    encode_frame,
 )
 from pipepack.testing import check_dict, random_bytes, raw_bytes
 
@@ -53,26 +49,7 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
 
 
 def _round_trip(d: dict[str, Any], enc: codec.Encoded) -> dict[str, Any]:
-    payloads = {}
-    for dev, p in enc.parts.items():
-        if dev == "meta":
-            continue
-        buf = torch.zeros(p.wire_layout.nbytes, dtype=torch.uint8)
-        pack(enc.sources[dev], out=buf, layout=p.wire_layout)
-        payloads[dev] = buf
-    cpu_n = payloads["cpu"].numel() if "cpu" in payloads else 0
-    head_len = align16(64 + len(enc.body)) + cpu_n
-    f = decode_frame(
-        encode_frame(Frame(enc.flags | F_INLINE, 0, head_len, len(enc.body), cpu_n, 0, None, 1, 0)),
-        capacity=1 << 30,
-        limits=DEFAULT_LIMITS,
-    )
-    dec = codec.header_parts(f, enc.body, DEFAULT_LIMITS)
-    out, post = codec.decode(
-        f, enc.body, dec, payloads, allow_pickle=False, limits=DEFAULT_LIMITS, tp=None
-    )
-    assert post == []
-    return out
+    return decode_encoded(enc)
 
 
 def _same_encoding(a: codec.Encoded, b: codec.Encoded) -> None:

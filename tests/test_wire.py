@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import decode_encoded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipepack.kernels import Layout, pack
+from pipepack.kernels import Layout
 from pipepack.pp import codec
 from pipepack.pp.wire import (
     DEFAULT_LIMITS,
@@ -1362,34 +1363,12 @@ def local_hop(
     enc = codec.encode(
         d, allow_pickle=allow_pickle, limits=limits, tp=None, all_gather_tensors=None
     )
-    payloads = {}
-    for dev, p in enc.parts.items():
-        if dev == "meta":
-            continue
-        buf = torch.zeros(p.wire_layout.nbytes, dtype=torch.uint8)
-        pack(enc.sources[dev], out=buf, layout=p.wire_layout)
-        payloads[dev] = buf.clone()
-    cpu = payloads.get("cpu", torch.zeros(0, dtype=torch.uint8))
-    head_len = align16(64 + len(enc.body)) + cpu.numel()
-    frame = encode_frame(
-        Frame(
-            enc.flags | F_INLINE, 0, head_len, len(enc.body), cpu.numel(), 0, None, enc.tp_world, 0
-        )
-    )
-    rl = recv_limits or limits
-    f = decode_frame(frame, capacity=capacity, limits=rl)
-    dec = codec.header_parts(f, enc.body, rl)
-    out, post = codec.decode(
-        f,
-        enc.body,
-        dec,
-        payloads,
+    return decode_encoded(
+        enc,
+        limits=recv_limits or limits,
         allow_pickle=allow_pickle if recv_pickle is None else recv_pickle,
-        limits=rl,
-        tp=None,
+        capacity=capacity,
     )
-    assert post == []
-    return out
 
 
 def test_local_hop_engine_dict() -> None:
