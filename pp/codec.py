@@ -463,10 +463,13 @@ def decode(
     limits: Limits,
     tp: TP | None,
     accept_wire: Callable[[tuple], None] | None = None,
+    views: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
     """The received dict (views of ``buffers``) and the postprocess calls (TP reassembly).
 
     ``buffers`` hold exactly the payload bytes :func:`header_parts` checked against the frame.
+    ``views``: when the hop has one CPU-only part laid out in tensor order (``dec.direct``),
+    the views of its layout over ``buffers["cpu"]``, made ahead by the caller (else None).
     A key with a wire code is handed out as the bytes that travelled, and only when
     ``accept_wire`` takes ``dec.wired`` (it raises otherwise); without it such a hop is refused.
     """
@@ -491,10 +494,11 @@ def decode(
     post: list[Callable[[], None]] = []
     if dec.direct:
         ((dev, p),) = dec.parts.items()
-        buf = buffers.get(dev)
-        if buf is None:
-            buf = _no_payload(dev, p)
-        views = unpack_unchecked(buf, p.wire_layout)
+        if views is None:
+            buf = buffers.get(dev)
+            if buf is None:
+                buf = _no_payload(dev, p)
+            views = unpack_unchecked(buf, p.wire_layout)
     else:
         views = [None] * len(schema.tensors)
         for dev, p in dec.parts.items():

@@ -44,7 +44,12 @@ import torch.distributed as dist
 
 from pipepack.kernels import pack
 from pipepack.kernels.ops import memmove_small as _memmove
-from pipepack.kernels.ops import pack_cpu_begin, pack_cpu_finish, pack_cpu_unchecked
+from pipepack.kernels.ops import (
+    pack_cpu_begin,
+    pack_cpu_finish,
+    pack_cpu_unchecked,
+    unpack_unchecked,
+)
 
 from . import codec, transport
 from .pool import BufferPool
@@ -100,6 +105,7 @@ class _Incoming:
         "handed",
         "result",
         "error",
+        "pre",
         "__weakref__",
     )
 
@@ -112,6 +118,30 @@ class _Incoming:
         self.handed = False  # given to the progress thread (the ring's receives posted far ahead)
         self.result: tuple[dict, list[Handle], list[Callable[[], None]]] | None = None
         self.error: BaseException | None = None
+        self.pre: _Prepared | None = None
+
+
+class _Prepared:
+    """What a posted receive made ready for a hop shaped like the link's previous one: the
+    buffer its CPU payload will lie in and the views of the payload's layout over it, built
+    before the hop arrives (the receiver is idle then) and handed out only if the hop matches.
+
+    ``kind``: ``"copy"`` — ``cpu`` is a buffer of exactly ``n_cpu`` bytes the payload is copied
+    into; ``"head"`` — ``cpu`` is the payload's place in the posted head buffer ``whole``;
+    ``"ring"`` — ``whole`` takes a copy of the whole ring hop (``n_whole`` bytes) and ``cpu`` is
+    the payload's place in it."""
+
+    __slots__ = ("kind", "whole", "n_whole", "cpu", "off", "n_cpu", "layout", "views")
+
+    def __init__(self, kind, whole, n_whole, cpu, off, n_cpu, layout) -> None:
+        self.kind = kind
+        self.whole = whole
+        self.n_whole = n_whole
+        self.cpu = cpu
+        self.off = off
+        self.n_cpu = n_cpu
+        self.layout = layout
+        self.views = unpack_unchecked(cpu, layout)
 
 
 class RecvOptions:
@@ -201,6 +231,13 @@ class Link:
         self._progress_thread: threading.Thread | None = None
         self.head_pool = BufferPool()
         self.recv_pool = BufferPool()
+        # the previous hop read, so that a hop like it is not parsed again and its buffer and
+        # views are made while the receiver waits (all written under the advance lock)
+        self._rx_frame: tuple | None = None  # (frame bytes 16:, bytes :8, limits, capacity, Frame)
+        self._rx_header: tuple | None = None  # (Frame, body, decoded header)
+        self._rx_last: tuple | None = None  # (kind, payload offset, cpu bytes, hop bytes, layout)
+        self._spares: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # a next head buffer
+        self._last_inline = 0
 
     # ------------------------------------------------------------------ groups, setup
 
@@ -360,6 +397,21 @@ class Link:
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
         self.wait_hello(timeout if timeout is not None else self.timeout)
+        # the caller is about to wait for the peer: take the next head buffer now, for a hop of
+        # the same size, so the next send packs at once
+        n = self._last_inline
+        if n and not self._spares and self.send_mode == "dist":
+            base = self.send_pool.get(n)
+            self._spares.append((n, base, base[:n]))
+
+    def _spare(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The head buffer a blocking send took for the next hop, if that hop has ``n`` bytes
+        (a list pop: two threads never take the same one)."""
+        try:
+            m, base, head = self._spares.pop()
+        except IndexError:
+            return None
+        return (base, head) if m == n else None
 
     def send(
         self,
@@ -403,8 +455,13 @@ class Link:
         head_base = cpu_base = None
         chunk = 0
         if inline_len <= cap:
-            head_base = self.send_pool.get(inline_len)
-            head = head_base[:inline_len]
+            spare = self._spare(inline_len)
+            if spare is None:
+                head_base = self.send_pool.get(inline_len)
+                head = head_base[:inline_len]
+            else:
+                head_base, head = spare
+            self._last_inline = inline_len
             head_ptr = head.data_ptr()
             _memmove(head_ptr + FRAME_BYTES, body, body_len)
             if cpu_n:
@@ -672,8 +729,29 @@ class Link:
             q = self._queue
             if self.recv_mode == "dist" and (not q or q[-1].handle is not None):
                 self._post_head(inc)
+            elif self.recv_mode == "shm":
+                self._prepare(inc)
             q.append(inc)
         return inc
+
+    def _prepare(self, inc: _Incoming) -> None:
+        """Makes ready the buffer and views for a hop like the previous one (see _Prepared)."""
+        last = self._rx_last
+        if last is None:
+            return
+        kind, off, n_cpu, n_whole, layout = last
+        if kind == "copy" and self.recv_mode == "dist":
+            cpu = self.recv_pool.get(n_cpu)
+            if cpu.numel() != n_cpu:
+                cpu = cpu[:n_cpu]
+            inc.pre = _Prepared(kind, None, 0, cpu, 0, n_cpu, layout)
+        elif kind == "head" and inc.buf is not None:
+            inc.pre = _Prepared(kind, inc.buf, 0, inc.buf[off : off + n_cpu], off, n_cpu, layout)
+        elif kind == "ring" and self.recv_mode == "shm":
+            whole = self.recv_pool.get(n_whole)
+            if whole.numel() != n_whole:
+                whole = whole[:n_whole]
+            inc.pre = _Prepared(kind, whole, n_whole, whole[off : off + n_cpu], off, n_cpu, layout)
 
     def _post_head(self, inc: _Incoming) -> None:
         # a view, not the pooled tensor itself: it counts as a reader of the buffer until the
@@ -690,6 +768,7 @@ class Link:
             self._cpeer,
         )
         inc.handle = Handle([work], [], what=what, timeout=inc.opts.timeout)
+        self._prepare(inc)
 
     def post_async(self, opts: RecvOptions) -> _Incoming:
         """Posts the next head receive and has a thread read it as soon as it arrives, so the
@@ -733,20 +812,16 @@ class Link:
             if inc is None or inc.advanced:
                 continue
             try:
-                self.advance(inc, None, background=True)
+                self.advance(inc, None)
             except BaseException:  # noqa: BLE001 - kept on the incoming; its waiter raises it
                 pass
             del inc
 
     def advance(
-        self, inc: _Incoming, timeout: float | None = None, *, background: bool = False
+        self, inc: _Incoming, timeout: float | None = None
     ) -> tuple[dict, list[Handle], list[Callable[[], None]]]:
-        """Reads heads in order up to ``inc``'s and posts their follow-on receives.
-
-        ``background``: the progress thread reads them, ahead of any caller: a ring hop is then
-        copied out of its slot, whatever its size, when this end already holds another slot,
-        so receives nobody waits for yet never hold the ring's slots (the sender would stall on
-        them)."""
+        """Reads heads in order up to ``inc``'s and posts their follow-on receives (on the
+        caller's thread, or on the progress thread ahead of any caller)."""
         t = inc.opts.timeout if timeout is None else timeout
         deadline = None if t is None else time.monotonic() + t
         if not inc.advanced:
@@ -781,7 +856,7 @@ class Link:
                     self._queue.popleft()
                     try:
                         if arrival is not None:
-                            self._read_arrival(front, arrival, background)
+                            self._read_arrival(front, arrival)
                         else:
                             self._read(front, raw)
                     except BaseException as e:  # noqa: BLE001 - a transfer failed: out of step
@@ -808,55 +883,85 @@ class Link:
             )
         self.recv_mode = "shm"
 
-    def _read_arrival(self, inc: _Incoming, arrival: Any, copy_out: bool = False) -> None:
+    def _frame_of(self, raw: bytes, capacity: int, limits: Limits) -> tuple[hop.Frame, int]:
+        """``(frame, sequence number)`` of a head: a frame whose bytes but for the sequence
+        number equal the previous hop's (with the same capacity and limits) is not parsed and
+        checked again; the Frame returned is then that hop's, so its ``seq`` is not this one's."""
+        m = self._rx_frame
+        if (
+            m is not None
+            and m[0] == raw[16:]
+            and m[1] == raw[:8]
+            and m[2] is limits
+            and m[3] == capacity
+        ):
+            return m[4], int.from_bytes(raw[8:16], "little")
+        frame = hop.decode_frame(raw, capacity=capacity, limits=limits)
+        self._rx_frame = (raw[16:], raw[:8], limits, capacity, frame)
+        return frame, frame.seq
+
+    def _read_arrival(self, inc: _Incoming, arrival: Any) -> None:
         """A hop in a slot of this end's ring: laid out exactly like an INLINE head."""
         slot = arrival.payload
         arrival.release()
         n = slot.numel()
         head = slot
         raw = ctypes.string_at(slot.data_ptr(), FRAME_BYTES) if n >= FRAME_BYTES else b""
-        frame = hop.decode_frame(raw, capacity=max(n, FRAME_BYTES), limits=inc.opts.limits)
+        frame, seq = self._frame_of(raw, max(n, FRAME_BYTES), inc.opts.limits)
         if not frame.inline or frame.head_len != n:
             raise WireError(
                 f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
                 f"holds a frame of {frame.head_len}"
             )
-        # a hop read ahead of its caller stays in its slot only while this end holds no other
-        # slot: the sender can then still place one more hop of any size within the ring's bound
-        # (two of the largest), so hops nobody waits for yet never stall it
-        if frame.cpu_nbytes and (
-            frame.cpu_nbytes <= _SHM_COPY_OUT or (copy_out and len(self._ring.held()) > 1)
-        ):
-            copy = self.recv_pool.get(n)[:n]
+        # a hop stays in its slot (its views handed out) only while this end holds no other
+        # slot: the sender can then always place one more hop of any size within the ring's
+        # bound (two of the largest), whether the hops before are kept by a caller (activations
+        # kept for a backward pass) or were read ahead of anyone waiting for them
+        small = frame.cpu_nbytes <= _SHM_COPY_OUT
+        copied = bool(frame.cpu_nbytes) and (small or len(self._ring.held()) > 1)
+        if copied:
+            pre = inc.pre
+            if pre is not None and pre.kind == "ring" and pre.n_whole == n:
+                copy = pre.whole
+            else:
+                copy = self.recv_pool.get(n)[:n]
             _memmove(copy.data_ptr(), slot.data_ptr(), n)
             head = copy
         del slot
         inc.buf = head
-        self._read(inc, frame=frame, copy_out=False)
+        self._read(inc, frame=frame, seq=seq, copy_out=False, ring_copy=copied and small)
 
     def _read(
         self,
         inc: _Incoming,
         raw: bytes | None = None,
         frame: hop.Frame | None = None,
+        seq: int | None = None,
         copy_out: bool = True,
+        ring_copy: bool = False,
     ) -> None:
+        """Reads the head in ``inc.buf`` (its ``frame`` and sequence number ``seq`` when the
+        caller parsed them already), posts the hop's follow-on receives and decodes it.
+        ``ring_copy``: ``inc.buf`` is a copy of a whole small ring hop."""
+        got = seq
         seq = inc.seq
         opts = inc.opts
         head = inc.buf
         head_ptr = head.data_ptr()
         if frame is None:
             try:
-                frame = hop.decode_frame(
+                frame, got = self._frame_of(
                     raw if raw is not None else ctypes.string_at(head_ptr, FRAME_BYTES),
-                    capacity=self.head_bytes,
-                    limits=opts.limits,
+                    self.head_bytes,
+                    opts.limits,
                 )
             except WireError as e:
                 raise WireError(f"receive #{seq} from {self.name}: {e}") from None
-        if frame.seq != seq:
+        elif got is None:
+            got = frame.seq
+        if got != seq:
             raise WireError(
-                f"receive #{seq} from {self.name}: the peer sent hop #{frame.seq} where #{seq} "
+                f"receive #{seq} from {self.name}: the peer sent hop #{got} where #{seq} "
                 "was due (a hop was lost or doubled)"
             )
         # post every follow-on receive from the frame alone, in order
@@ -893,14 +998,34 @@ class Link:
                 keep.append(dbuf)
                 buffers[frame.dev_type] = dbuf
         n_cpu = frame.cpu_nbytes
+        pre, inc.pre = inc.pre, None
+        kind = None
         if n_cpu and frame.inline:
             off = frame.cpu_offset
             if copy_out and n_cpu * _COPY_OUT_RATIO < self.head_bytes:
-                cpu = self.recv_pool.get(n_cpu)[:n_cpu]
+                kind = "copy"
+                if pre is None or pre.kind != kind or pre.n_cpu != n_cpu:
+                    pre = None
+                    cpu = self.recv_pool.get(n_cpu)[:n_cpu]
+                else:
+                    cpu = pre.cpu
                 _memmove(cpu.data_ptr(), head_ptr + off, n_cpu)
             else:
-                cpu = head[off : off + n_cpu]
+                kind = "ring" if ring_copy else "head"
+                if (
+                    pre is None
+                    or pre.kind != kind
+                    or pre.whole is not head
+                    or pre.off != off
+                    or pre.n_cpu != n_cpu
+                ):
+                    pre = None
+                    cpu = head[off : off + n_cpu]
+                else:
+                    cpu = pre.cpu
             buffers["cpu"] = cpu
+        else:
+            pre = None
         payload = (
             Handle(
                 works,
@@ -922,7 +1047,13 @@ class Link:
             body += ctypes.string_at(rest.data_ptr(), rest.numel())
         del head, inc.buf  # views of the head (inline payload) keep it; nothing else does
         try:
-            dec = codec.header_parts(frame, body, opts.limits)
+            hm = self._rx_header
+            if hm is not None and hm[0] is frame and hm[1] == body:
+                dec = hm[2]  # the same frame and header bytes as the previous hop
+            else:
+                dec = codec.header_parts(frame, body, opts.limits)
+                self._rx_header = (frame, body, dec)
+            layout = dec.parts["cpu"].wire_layout if kind is not None and dec.direct else None
             out, post = codec.decode(
                 frame,
                 body,
@@ -932,6 +1063,11 @@ class Link:
                 limits=opts.limits,
                 tp=opts.tp,
                 accept_wire=opts.accept_wire,
+                views=pre.views if pre is not None and pre.layout is layout else None,
+            )
+            # what the next receive prepares for: a hop like this one
+            self._rx_last = (
+                None if layout is None else (kind, frame.cpu_offset, n_cpu, frame.head_len, layout)
             )
             if opts.check is not None:
                 opts.check(codec.items_of(dec.schema, out))

@@ -29,7 +29,7 @@ from pipepack.pp import (
     send_tensor_dict,
 )
 from pipepack.pp import shm as shm_mod
-from pipepack.testing import check_dict, run_ranks
+from pipepack.testing import check_dict, random_bytes, run_ranks
 
 TIMEOUT_S = 60.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -797,3 +797,99 @@ def test_blocking_send_chunks_from_the_sources_exactly() -> None:
     """A blocking send of a chunked CPU payload sends each chunk from its tensor where it lies
     inside one, and stages the chunks that straddle tensors or padding: bit-exact either way."""
     run_ranks(2, _straddle_body, timeout_s=TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# hops like the previous one: the receive prepared ahead, the frame and header not parsed again
+# ---------------------------------------------------------------------------------------------
+
+
+def _alike_dicts(rows: int) -> list[dict]:
+    """Hops that differ from the one before in one thing each: bytes only, dtype of the same
+    size, dims swapped, a key renamed, a plain value (same length, then another), the payload
+    size. Each is prepared for as a copy of the previous one's shape; the mismatches must be
+    noticed, and every hop must still read exactly."""
+    g = torch.Generator().manual_seed(rows)
+
+    def t(shape, dtype=torch.bfloat16):
+        return random_bytes(shape, dtype, g)
+
+    return [
+        {"h": t((rows, 64))},
+        {"h": t((rows, 64))},
+        {"h": t((rows, 64))},
+        {"h": t((rows, 64), torch.float16)},
+        {"h": t((64, rows))},
+        {"g": t((rows, 64))},
+        {"h": t((rows, 64))},
+        {"h": t((rows, 64)), "s": "x"},
+        {"h": t((rows, 64)), "s": "y"},
+        {"h": t((rows, 64)), "s": "y"},
+        {"h": t((rows, 64), torch.int16), "s": "y"},
+        {"h": t((rows + 1, 64))},
+        {"h": t((rows + 1, 64))},
+        {"h": t((rows + 1, 32)), "i": t((rows + 1, 16), torch.int32)},
+        {"h": t((rows + 1, 32)), "i": t((rows + 1, 16), torch.int32)},
+        {"h": t((rows + 1, 64))},
+    ]
+
+
+def _alike_body(rank: int, world: int, transport: str, rows: int) -> None:
+    _use(transport)
+    hops = _alike_dicts(rows)
+    if rank == 0:
+        send_tensor_dict({"warm": 1})  # the link's first hop (and its switch to the ring, if any)
+        for d in hops:
+            send_tensor_dict(d)
+        return
+    assert recv_tensor_dict() == {"warm": 1}
+    # every dict is kept until the end: a buffer made ready for one receive must never be one
+    # a dict still held reads from
+    got = [recv_tensor_dict() for _ in hops]
+    for i, (g, d) in enumerate(zip(got, hops)):
+        check_dict(g, d)
+        assert not any(
+            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            for a in g.values()
+            if isinstance(a, torch.Tensor)
+            for j, other in enumerate(got)
+            if j != i
+            for b in other.values()
+            if isinstance(b, torch.Tensor)
+        ), f"hop {i} shares a buffer with another hop still held"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("rows", [3, 4096], ids=["small", "1MiB"])
+def test_hops_like_the_previous_one_arrive_exactly(transport: str, rows: int) -> None:
+    """The receive of a hop shaped like the previous one is made ready before it arrives, and
+    its frame and header are not parsed again: each hop here differs from the one before in one
+    way (or none), and all of them, kept alive together, hold exactly what was sent."""
+    run_ranks(2, _alike_body, transport, rows, timeout_s=TIMEOUT_S)
+
+
+def _keep_all_body(rank: int, world: int, transport: str, rows: int) -> None:
+    _use(transport)
+    n = 10  # more hops than the ring has slots (4)
+
+    def hop(k: int) -> dict:
+        return {"k": k, "x": torch.full((rows, 1024), float(k))}
+
+    if rank == 0:
+        send_tensor_dict({"k": -1})
+        for k in range(n):
+            send_tensor_dict(hop(k))
+        return
+    assert recv_tensor_dict() == {"k": -1}
+    kept = [recv_tensor_dict() for _ in range(n)]  # e.g. activations kept for a backward pass
+    for k, d in enumerate(kept):
+        check_dict(d, hop(k))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("rows", [256, 1536], ids=["1MiB", "6MiB"])
+def test_a_receiver_keeping_every_hop_never_stalls_the_sender(transport: str, rows: int) -> None:
+    """A stage that keeps every received dict alive (a training stage keeps its inputs for the
+    backward pass): on the ring a hop is handed out in its slot only while the receiver holds
+    no other slot, so kept hops never use up the ring and the sender never waits for them."""
+    run_ranks(2, _keep_all_body, transport, rows, timeout_s=TIMEOUT_S)
