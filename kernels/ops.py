@@ -229,8 +229,29 @@ def pack_cpu_unchecked(tensors: Sequence[torch.Tensor], layout: Layout, out: tor
     exactly these tensors' dtypes and shapes and own ``out`` (contiguous uint8, at least
     ``layout.nbytes``): nothing is checked again. A dense source is one ``memmove`` of its
     bytes on this thread; strided, conjugate or negative views go through :func:`_cpu_copy`.
+    One loop, every test inline: on a hop of many small tensors the calls are the cost.
     """
-    pack_cpu_finish(tensors, layout, out, pack_cpu_begin(tensors, layout, out))
+    base = out.data_ptr()
+    rest = None
+    for i, (t, (off, n)) in enumerate(zip(tensors, _spans(layout))):
+        if not n:
+            continue
+        if t.is_contiguous() and not t.is_conj() and not t.is_neg():
+            (_MEMMOVE_GIL if n <= _GIL_COPY_MAX else _MEMMOVE_NOGIL)(base + off, t.data_ptr(), n)
+        elif rest is None:
+            rest = [i]
+        else:
+            rest.append(i)
+    if rest:
+        views = unpack(out, layout)
+        for i in rest:
+            _cpu_copy(views[i], tensors[i])
+
+
+@functools.lru_cache(maxsize=1024)
+def _spans(layout: Layout) -> tuple[tuple[int, int], ...]:
+    """``(offset, nbytes)`` of every entry."""
+    return tuple((e.offset, e.nbytes) for e in layout.entries)
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -236,8 +236,9 @@ class Link:
         self._rx_frame: tuple | None = None  # (frame bytes 16:, bytes :8, limits, capacity, Frame)
         self._rx_header: tuple | None = None  # (Frame, body, decoded header)
         self._rx_last: tuple | None = None  # (kind, payload offset, cpu bytes, hop bytes, layout)
-        self._spares: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # a next head buffer
-        self._last_inline = 0
+        self._free_heads: list[torch.Tensor] = []  # read gloo heads nothing else refers to
+        # a head buffer a blocking send keeps for the next hop of its size: (bytes, buffer, head)
+        self._spares: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ groups, setup
 
@@ -387,7 +388,15 @@ class Link:
         """Sends one hop and returns once the transport has taken it (raises if it failed)."""
         # the caller gets control back only once the hop is sent, so large contiguous sources
         # may travel straight from where they lie (no packed copy)
-        h = self.send(enc, chunk_bytes=chunk_bytes, timeout=timeout, from_sources=True, reap=False)
+        head: list = []
+        h = self.send(
+            enc,
+            chunk_bytes=chunk_bytes,
+            timeout=timeout,
+            from_sources=True,
+            reap=False,
+            head_out=head,
+        )
         try:
             h.wait(timeout)  # on this thread: a hand-off to the reaper costs two thread wakeups
         except BaseException:
@@ -397,12 +406,10 @@ class Link:
         # the peer received the hop, so it has posted its hello: finish the setup now rather
         # than leave a transfer in flight for an exit or destroy_process_group() right after
         self.wait_hello(timeout if timeout is not None else self.timeout)
-        # the caller is about to wait for the peer: take the next head buffer now, for a hop of
-        # the same size, so the next send packs at once
-        n = self._last_inline
-        if n and not self._spares and self.send_mode == "dist":
-            base = self.send_pool.get(n)
-            self._spares.append((n, base, base[:n]))
+        # the hop's head buffer is free again (its send completed): kept for the next hop of
+        # its size, so that send packs at once, without a trip through the pool
+        if head and not self._spares:
+            self._spares.append(head[0])
 
     def _spare(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The head buffer a blocking send took for the next hop, if that hop has ``n`` bytes
@@ -421,6 +428,7 @@ class Link:
         timeout: float | None = None,
         from_sources: bool = False,
         reap: bool = True,
+        head_out: list | None = None,
     ) -> Handle:
         """Packs and posts one hop; returns once every message is posted.
 
@@ -429,6 +437,9 @@ class Link:
         themselves where a chunk lies inside one contiguous tensor; only the chunks that
         straddle tensors (and their padding) are staged. ``reap=False``: the caller waits on
         the returned handle itself (and hands it to the reaper if it stops waiting early).
+        ``head_out``: a hop sent in one gloo message appends ``(bytes, buffer, head)`` of its
+        head buffer, which the pool then does not take back (the caller keeps it for a later
+        hop once this one completed, or drops it).
         """
         if not self._hello_started:
             self.hello()
@@ -461,7 +472,6 @@ class Link:
                 head = head_base[:inline_len]
             else:
                 head_base, head = spare
-            self._last_inline = inline_len
             head_ptr = head.data_ptr()
             _memmove(head_ptr + FRAME_BYTES, body, body_len)
             if cpu_n:
@@ -549,6 +559,9 @@ class Link:
                         self._send_broken = e
                     raise
                 self._send_seq += 1
+                if head_out is not None and inline_len <= cap:
+                    head_out.append((inline_len, head_base, head))
+                    head_base = None
                 pooled = [b for b in (head_base, cpu_base) if b is not None]
                 handle = Handle(
                     works,
@@ -757,7 +770,10 @@ class Link:
         # a view, not the pooled tensor itself: it counts as a reader of the buffer until the
         # head is read, so the pool cannot hand the buffer out again between the receive's
         # completion and the read (the pool sees tensors and views, not Python references)
-        inc.buf = self.head_pool.get(self.head_bytes)[: self.head_bytes]
+        try:
+            inc.buf = self._free_heads.pop()
+        except IndexError:
+            inc.buf = self.head_pool.get(self.head_bytes)[: self.head_bytes]
         what = f"head of receive #{inc.seq} from {self.name}"
         work = transport.irecv(
             inc.buf,
@@ -948,6 +964,7 @@ class Link:
         opts = inc.opts
         head = inc.buf
         head_ptr = head.data_ptr()
+        posted_head = frame is None  # a gloo head receive (not a ring slot or a copy of one)
         if frame is None:
             try:
                 frame, got = self._frame_of(
@@ -1045,6 +1062,9 @@ class Link:
                 timeout=opts.timeout,
             ).wait()
             body += ctypes.string_at(rest.data_ptr(), rest.numel())
+        if posted_head and kind != "head" and len(self._free_heads) < 2:
+            # no view of this head is handed out: the next head receive may take it at once
+            self._free_heads.append(head)
         del head, inc.buf  # views of the head (inline payload) keep it; nothing else does
         try:
             hm = self._rx_header
