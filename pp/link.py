@@ -121,6 +121,31 @@ class _Incoming:
         self.pre: _Prepared | None = None
 
 
+class _Staged:
+    """A hop packed on the sending end while the peer's ring had no room: the transfer work its
+    handle waits on, done once the backlog thread placed it in the ring."""
+
+    __slots__ = ("payload", "nbytes", "what", "timeout", "_event", "_error")
+
+    def __init__(self, payload: torch.Tensor, nbytes: int) -> None:
+        self.payload = payload
+        self.nbytes = nbytes
+        self.what = ""
+        self.timeout: float | None = None
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+
+    def finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._event.wait()
+        if self._error is not None:
+            raise RuntimeError(f"{self.what} failed: {self._error}") from self._error
+        return True
+
+
 class _Prepared:
     """What a posted receive made ready for a hop shaped like the link's previous one: the
     buffer its CPU payload will lie in and the views of the payload's layout over it, built
@@ -217,6 +242,8 @@ class Link:
         self._send_broken: BaseException | None = None
         self._send_failed: Handle | None = None
         self._sent: collections.deque[Handle] = collections.deque()
+        self._backlog: collections.deque[_Staged] = collections.deque()  # hops awaiting ring room
+        self._backlog_thread: threading.Thread | None = None
         # send buffers never reach the caller: any idle one that fits will do, and one of the
         # largest hops idle is enough for a blocking sender
         self.send_pool = BufferPool(max_ratio=float("inf"), cap_factor=1)
@@ -633,7 +660,9 @@ class Link:
         inline_len: int,
         timeout: float | None,
     ) -> Handle:
-        """One hop as one slot of the peer's ring, packed straight into it."""
+        """One hop as one slot of the peer's ring, packed straight into it; when no slot is free
+        (the receiver holds them all), packed into a buffer of this end that a thread moves
+        into the ring once there is room, so a posted send never waits for the receiver."""
         dev_buf = dev_type = None
         if len(enc.parts) > (cpu is not None):
             dev_buf, dev_type = self._pack_device_payload(enc)
@@ -643,10 +672,18 @@ class Link:
         with self._send_lock:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
-            t = timeout if timeout is not None else self.timeout
-            r = self._send_ring.reserve(
-                inline_len, _RING_DEFAULT_TIMEOUT if t is None else t, what=what
-            )
+            if self._send_broken is not None:
+                raise RuntimeError(
+                    f"the link to {self.name} is out of step since a send failed "
+                    f"({self._send_broken!r}); recreate the process group to recover"
+                ) from self._send_broken
+            # hops waiting for room go first: a hop is placed directly only after all of them
+            r = None
+            if not self._backlog:
+                r = self._send_ring.reserve(inline_len, what=what, wait=False)
+            if r is None:
+                buf_base = self.send_pool.get(inline_len)
+                r = _Staged(buf_base[:inline_len], inline_len)
             try:
                 slot = r.payload
                 ptr = slot.data_ptr()
@@ -672,21 +709,77 @@ class Link:
                     )
                 del slot
             except BaseException:
-                self._send_ring.cancel(r)
+                if not isinstance(r, _Staged):
+                    self._send_ring.cancel(r)
                 raise
-            self._send_ring.publish(r)
             works = []
+            pooled = None
+            if isinstance(r, _Staged):
+                works.append(r)
+                keep.append(r.payload)
+                pooled = [buf_base]
+                r.what = what
+                r.timeout = timeout if timeout is not None else self.timeout
+                self._backlog.append(r)
+                if self._backlog_thread is None:
+                    self._backlog_thread = threading.Thread(
+                        target=self._run_backlog,
+                        name=f"pipepack-ring-send-{self.peer_global}",
+                        daemon=True,
+                    )
+                    self._backlog_thread.start()
+            else:
+                self._send_ring.publish(r)
             if dev_n:
-                works = [
+                works.append(
                     transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
-                ]
+                )
             self._send_seq += 1
-            handle = Handle(works, keep, what=what, timeout=timeout, on_done=self._on_sent)
+            handle = Handle(
+                works,
+                keep,
+                what=what,
+                timeout=timeout,
+                on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
+            )
             if works:
                 self._sent.append(handle)
         if works:
             REAPER.add(handle)
         return handle
+
+    def _run_backlog(self) -> None:
+        """Moves staged hops into the peer's ring in order, each once there is room."""
+        ring = self._send_ring
+        while True:
+            item = self._backlog[0]  # only this thread removes items, and it stops when none
+            err = None
+            try:
+                r = ring.reserve(
+                    item.nbytes,
+                    _RING_DEFAULT_TIMEOUT if item.timeout is None else item.timeout,
+                    what=item.what,
+                )
+                try:
+                    _memmove(r.payload.data_ptr(), item.payload.data_ptr(), item.nbytes)
+                except BaseException:
+                    ring.cancel(r)
+                    raise
+                ring.publish(r)
+            except BaseException as e:  # noqa: BLE001 - the hop's handle raises it
+                err = e
+            with self._send_lock:
+                self._backlog.popleft()
+                failed = [item]
+                if err is not None:  # the later hops cannot pass this one: they fail too
+                    self._send_broken = self._send_broken or err
+                    failed.extend(self._backlog)
+                    self._backlog.clear()
+                for it in failed:
+                    it.finish(err)
+                if not self._backlog:
+                    self._backlog_thread = None
+                    return
 
     def _pack_device_payload(self, enc: codec.Encoded) -> tuple[torch.Tensor | None, str | None]:
         """The accelerator payload packed into one device buffer (and its device type)."""

@@ -1390,11 +1390,16 @@ class SendRing:
         return what or f"reserving {n} bytes for hop seq {self._next}"
 
     def reserve(
-        self, payload_nbytes: int, timeout: float | None = None, *, what: str | None = None
-    ) -> Reservation:
+        self,
+        payload_nbytes: int,
+        timeout: float | None = None,
+        *,
+        what: str | None = None,
+        wait: bool = True,
+    ) -> Reservation | None:
         """Waits (bounded) for a free slot that fits ``payload_nbytes``; a slot grows when none
         does, within the ring's memory bound. Raises TimeoutError naming how many slots the
-        receiver still holds."""
+        receiver still holds. ``wait=False``: returns None at once instead of waiting."""
         n = payload_nbytes
         if type(n) is not int or n < 0:
             raise ValueError(f"payload_nbytes must be a non-negative int, got {n!r}")
@@ -1417,6 +1422,15 @@ class SendRing:
             if self._inflight:
                 self._refresh()
             plan = self._plan(n)
+            if plan is None and not wait:
+                if not self._seg.fence(1.0):
+                    step = self._step(n, what)
+                    self._check(step)
+                    raise CorruptRing(f"shm ring {self.name}: spinlock held for over 1 s ({step})")
+                self._refresh()
+                plan = self._plan(n)
+                if plan is None:
+                    return None
             if plan is None:
                 plan = self._wait_plan(n, t, what)
             slot, retire, new = plan

@@ -561,6 +561,9 @@ _EXIT_SCRIPT = textwrap.dedent("""
             isend_tensor_dict(d)
             flush()
             os._exit(0)
+        elif how == "isend_burst_then_exit":  # more than the ring's 4 slots, none received yet
+            for _ in range(10):
+                isend_tensor_dict(d)
         else:  # isend, then a normal interpreter exit: the atexit hook flushes
             isend_tensor_dict(d)
             isend_tensor_dict(d)
@@ -573,7 +576,9 @@ _EXIT_SCRIPT = textwrap.dedent("""
         from pipepack.pp import shm
 
         shm.sweep_stale()
-    for _ in range(2 if how == "isend_then_exit" else 1):
+    if how == "isend_burst_then_exit":
+        time.sleep(1.0)  # the sender is at its exit by now, its later hops still on its side
+    for _ in range({"isend_then_exit": 2, "isend_burst_then_exit": 10}.get(how, 1)):
         got = recv_tensor_dict()
         assert got["s"] == "last" and torch.equal(got["x"], d["x"]), "wrong bytes"
     print("RECEIVED")
@@ -581,7 +586,10 @@ _EXIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("how", ["blocking_then_destroy", "isend_then_exit", "flush_then_os_exit"])
+@pytest.mark.parametrize(
+    "how",
+    ["blocking_then_destroy", "isend_then_exit", "isend_burst_then_exit", "flush_then_os_exit"],
+)
 def test_nothing_is_lost_when_the_sender_exits_right_after(
     how: str, transport: str, tmp_path
 ) -> None:
@@ -893,3 +901,34 @@ def test_a_receiver_keeping_every_hop_never_stalls_the_sender(transport: str, ro
     backward pass): on the ring a hop is handed out in its slot only while the receiver holds
     no other slot, so kept hops never use up the ring and the sender never waits for them."""
     run_ranks(2, _keep_all_body, transport, rows, timeout_s=TIMEOUT_S)
+
+
+def _burst_body(rank: int, world: int, transport: str, rows: int) -> None:
+    _use(transport)
+    peer = 1 - rank
+    n = 12  # more hops than the ring has slots (4), posted by both ends before either receives
+
+    def hop(src: int, k: int) -> dict:
+        return {"src": src, "k": k, "x": torch.full((rows, 256), float(100 * src + k))}
+
+    # a first exchange, so that the link runs on its final transport (auto: the ring)
+    isend_tensor_dict(hop(rank, -1), peer)
+    check_dict(recv_tensor_dict(peer), hop(peer, -1))
+    flush()
+    handles = [h for k in range(n) for h in isend_tensor_dict(hop(rank, k), peer)]
+    for k in range(n):
+        check_dict(recv_tensor_dict(peer), hop(peer, k))
+    for h in handles:
+        h.wait()
+    flush()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("rows", [4, 2048], ids=["4KiB", "2MiB"])
+def test_both_ends_post_more_sends_than_the_ring_holds_before_receiving(
+    transport: str, rows: int
+) -> None:
+    """Both ends post 12 sends to each other before either receives (gloo takes that): a posted
+    send never waits for the receiver, so on the ring the hops that find no free slot wait on
+    the sending end and move into the ring as the receiver frees slots, in order."""
+    run_ranks(2, _burst_body, transport, rows, timeout_s=TIMEOUT_S)
