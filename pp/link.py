@@ -1022,12 +1022,18 @@ class Link:
                 f"receive #{inc.seq} from {self.name}: a ring slot of {n} bytes "
                 f"holds a frame of {frame.head_len}"
             )
-        # a hop stays in its slot (its views handed out) only while this end holds no other
-        # slot: the sender can then always place one more hop of any size within the ring's
-        # bound (two of the largest), whether the hops before are kept by a caller (activations
-        # kept for a backward pass) or were read ahead of anyone waiting for them
+        # a hop stays in its slot (its views handed out) only while that leaves the sender room
+        # for one more hop of any size, however long the caller keeps what it holds (activations
+        # kept for a backward pass, hops read ahead of anyone waiting for them): with this hop,
+        # at most two slots held, and their grown segments within half the ring's budget (the
+        # sender's bound is max(budget, 2 x the largest hop), so any next hop fits beside them).
+        # The previous hop, still referenced while the next receive runs (`d = recv()` in a
+        # loop), so stays zero-copy up to hops of a quarter of the budget (32 MiB by default)
         small = frame.cpu_nbytes <= _SHM_COPY_OUT
-        copied = bool(frame.cpu_nbytes) and (small or len(self._ring.held()) > 1)
+        copied = bool(frame.cpu_nbytes) and small
+        if frame.cpu_nbytes and not small:
+            n_held, grown = self._ring.held_grown()
+            copied = n_held > 2 or (n_held == 2 and 2 * grown > self._ring.grow_budget)
         if copied:
             pre = inc.pre
             if pre is not None and pre.kind == "ring" and pre.n_whole == n:

@@ -1104,6 +1104,13 @@ class RecvRing:
         """Seqs of the hops whose slots this end still holds (views alive)."""
         return sorted(s for s, _ in list(self._held.values()))
 
+    def held_grown(self) -> tuple[int, int]:
+        """``(slots held, bytes of grown segments among them)``: what this end's views keep out
+        of the sender's reach (the grown bytes count against the ring's memory bound)."""
+        desc = self._seg.desc
+        slots = list(self._held)
+        return len(slots), sum(desc[s * _DW + D_EXT_BYTES] for s in slots)
+
     def close(self) -> None:
         """Marks the ring closed and unlinks what it can; mappings stay until the last view."""
         with self._lock:
