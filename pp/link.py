@@ -158,7 +158,16 @@ class _Prepared:
 
     __slots__ = ("kind", "whole", "n_whole", "cpu", "off", "n_cpu", "layout", "views")
 
-    def __init__(self, kind, whole, n_whole, cpu, off, n_cpu, layout) -> None:
+    def __init__(
+        self,
+        kind: str,
+        whole: torch.Tensor | None,
+        n_whole: int,
+        cpu: torch.Tensor,
+        off: int,
+        n_cpu: int,
+        layout: Any,
+    ) -> None:
         self.kind = kind
         self.whole = whole
         self.n_whole = n_whole
