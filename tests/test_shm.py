@@ -768,3 +768,84 @@ def test_sender_refuses_corrupt_geometry(word, value, message) -> None:
         shm.SendRing(rx.name)
     rx.close()
     assert _mine(os.getpid()) == []
+
+
+def _kernel_sources() -> list[torch.Tensor]:
+    """Every wire dtype, with empty, 0-dim, odd-sized and non-contiguous sources (the same
+    bytes in every process: a fixed seed)."""
+    from pipepack.testing import random_bytes
+
+    g = torch.Generator().manual_seed(23)
+    dtypes = [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.complex64,
+    ]
+    out = []
+    for i, dt in enumerate(dtypes):
+        out.append(random_bytes((5 + i, 3 + 2 * i), dt, g))  # odd sizes
+        out.append(random_bytes((7, 4 + i), dt, g).t())  # transposed
+        out.append(random_bytes((2 * i + 3,), dt, g)[::2])  # step slice
+    out.append(random_bytes((), torch.float32, g))  # 0-dim
+    out.append(random_bytes((0, 5), torch.bfloat16, g))  # empty
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_pack_kernel_writes_into_a_ring_slot_and_unpack_reads_it(impl: str) -> None:
+    """The pack kernel's output is a reserved slot of the peer's ring (another process): the
+    receiver's views of the slot and unpack_into (canaries around every destination) give the
+    sources' bytes exactly. ``triton`` runs the Triton kernels (the interpreter on a CPU)."""
+    from pipepack import kernels as K
+    from pipepack.testing import raw_bytes
+
+    srcs = _kernel_sources()
+    layout = K.plan_layout(srcs)
+    rx = shm.RecvRing(slots=2, slot_bytes=1 << 16, meta_bytes=64, timeout=30)
+
+    def child(conn, name) -> None:
+        tx = shm.SendRing(name, timeout=30)
+        r = tx.reserve(layout.nbytes, 30)
+        K.pack(_kernel_sources(), out=r.payload, layout=layout, impl=impl)
+        tx.publish(r, b"k")
+        conn.send(("sent", None))
+        conn.recv()
+        tx.close()
+
+    p, conn = _child(child, rx.name)
+    _expect(conn, "sent", timeout=120)
+    a = rx.wait(30)
+    assert a.payload.numel() == layout.nbytes
+    for i, (v, s) in enumerate(zip(K.unpack(a.payload, layout), srcs)):
+        assert v.dtype == s.dtype and v.shape == s.shape, i
+        assert torch.equal(raw_bytes(v), raw_bytes(s.contiguous())), f"view {i} differs"
+    pad = 64
+    bufs = [
+        torch.full((s.numel() * s.element_size() + 2 * pad,), CANARY, dtype=torch.uint8)
+        for s in srcs
+    ]
+    outs = [
+        b[pad : pad + s.numel() * s.element_size()].view(s.dtype).view(s.shape)
+        if s.numel()
+        else torch.empty(s.shape, dtype=s.dtype)
+        for b, s in zip(bufs, srcs)
+    ]
+    K.unpack_into(a.payload, layout, outs, impl=impl)
+    for i, (b, o, s) in enumerate(zip(bufs, outs, srcs)):
+        assert torch.equal(raw_bytes(o), raw_bytes(s.contiguous())), f"output {i} differs"
+        assert (b[:pad] == CANARY).all() and (b[len(b) - pad :] == CANARY).all(), f"canary {i}"
+    conn.send("go")
+    _expect(conn, "done")
+    _reap(p)
+    del a
+    rx.close()
