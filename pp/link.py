@@ -1351,6 +1351,9 @@ _RINGS: set = set()
 def _close_rings() -> None:
     from . import shm
 
+    # atexit runs this before transport's flush (registered earlier): hops still waiting for
+    # room in a ring (the backlog) must be placed before the rings close
+    transport._flush_at_exit()
     for ring in list(_RINGS):
         try:
             if isinstance(ring, shm.SendRing):  # hops already published must reach the peer

@@ -311,9 +311,14 @@ def flush(timeout: float | None = None) -> None:
 EXIT_FLUSH_TIMEOUT = float(os.environ.get("PIPEPACK_EXIT_FLUSH_TIMEOUT", "60"))
 
 
+_EXIT_FLUSHED = [False]
+
+
 def _flush_at_exit() -> None:
-    if REAPER.pending() == 0 or REAPER._pid != os.getpid():
+    """Once per exit (the same-host transport calls it before closing its rings)."""
+    if _EXIT_FLUSHED[0] or REAPER.pending() == 0 or REAPER._pid != os.getpid():
         return
+    _EXIT_FLUSHED[0] = True
     try:
         REAPER.flush(EXIT_FLUSH_TIMEOUT)
     except BaseException as e:  # noqa: BLE001 - exit goes on; say what was lost

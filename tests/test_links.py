@@ -581,6 +581,10 @@ _EXIT_SCRIPT = textwrap.dedent("""
     for _ in range({"isend_then_exit": 2, "isend_burst_then_exit": 10}.get(how, 1)):
         got = recv_tensor_dict()
         assert got["s"] == "last" and torch.equal(got["x"], d["x"]), "wrong bytes"
+        if how == "isend_burst_then_exit":
+            # a slow reader: every hop published so far is taken while later ones still wait
+            # on the sender's side for room, which is when a sender at exit must not close
+            time.sleep(0.05)
     print("RECEIVED")
 """)
 
