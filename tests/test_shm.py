@@ -773,24 +773,11 @@ def test_sender_refuses_corrupt_geometry(word, value, message) -> None:
 def _kernel_sources() -> list[torch.Tensor]:
     """Every wire dtype, with empty, 0-dim, odd-sized and non-contiguous sources (the same
     bytes in every process: a fixed seed)."""
+    from pipepack.kernels import SUPPORTED_DTYPES
     from pipepack.testing import random_bytes
 
     g = torch.Generator().manual_seed(23)
-    dtypes = [
-        torch.bfloat16,
-        torch.float16,
-        torch.float32,
-        torch.float64,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.uint8,
-        torch.bool,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-        torch.complex64,
-    ]
+    dtypes = sorted(SUPPORTED_DTYPES, key=str)  # every dtype a payload may carry
     out = []
     for i, dt in enumerate(dtypes):
         out.append(random_bytes((5 + i, 3 + 2 * i), dt, g))  # odd sizes
