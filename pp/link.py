@@ -127,11 +127,13 @@ class _Staged:
 
     __slots__ = ("payload", "nbytes", "what", "timeout", "_event", "_error")
 
-    def __init__(self, payload: torch.Tensor, nbytes: int) -> None:
+    def __init__(
+        self, payload: torch.Tensor, nbytes: int, what: str, timeout: float | None
+    ) -> None:
         self.payload = payload
         self.nbytes = nbytes
-        self.what = ""
-        self.timeout: float | None = None
+        self.what = what
+        self.timeout = timeout
         self._event = threading.Event()
         self._error: BaseException | None = None
 
@@ -152,17 +154,16 @@ class _Prepared:
     before the hop arrives (the receiver is idle then) and handed out only if the hop matches.
 
     ``kind``: ``"copy"`` — ``cpu`` is a buffer of exactly ``n_cpu`` bytes the payload is copied
-    into; ``"head"`` — ``cpu`` is the payload's place in the posted head buffer ``whole``;
-    ``"ring"`` — ``whole`` takes a copy of the whole ring hop (``n_whole`` bytes) and ``cpu`` is
-    the payload's place in it."""
+    into (``whole`` None); ``"head"`` — ``cpu`` is the payload's place, from byte ``off``, in the
+    posted head buffer ``whole``; ``"ring"`` — ``whole`` takes a copy of the whole ring hop
+    and ``cpu`` is the payload's place in it."""
 
-    __slots__ = ("kind", "whole", "n_whole", "cpu", "off", "n_cpu", "layout", "views")
+    __slots__ = ("kind", "whole", "cpu", "off", "n_cpu", "layout", "views")
 
     def __init__(
         self,
         kind: str,
         whole: torch.Tensor | None,
-        n_whole: int,
         cpu: torch.Tensor,
         off: int,
         n_cpu: int,
@@ -170,12 +171,21 @@ class _Prepared:
     ) -> None:
         self.kind = kind
         self.whole = whole
-        self.n_whole = n_whole
         self.cpu = cpu
         self.off = off
         self.n_cpu = n_cpu
         self.layout = layout
         self.views = unpack_unchecked(cpu, layout)
+
+    def fits(self, kind: str, whole: torch.Tensor | None, off: int, n_cpu: int) -> bool:
+        """Whether a hop read as ``kind`` into ``whole`` (None for a copy) at ``off`` lands where
+        this was made for (its layout is checked once decoded)."""
+        return (
+            self.kind == kind
+            and self.whole is whole
+            and self.n_cpu == n_cpu
+            and (whole is None or self.off == off)
+        )
 
 
 class RecvOptions:
@@ -552,11 +562,7 @@ class Link:
             rerouted = self.send_mode == "shm"
             if not rerouted:
                 if self._send_broken is not None:
-                    raise RuntimeError(
-                        f"the link to {self.name} is out of step since a send failed "
-                        f"half-posted ({self._send_broken!r}); recreate the process "
-                        "group to recover"
-                    ) from self._send_broken
+                    self._refuse_send("half-posted")
                 seq = self._send_seq
                 what = f"send #{seq} to {self.name}"
                 _memmove(
@@ -682,17 +688,19 @@ class Link:
             seq = self._send_seq
             what = f"send #{seq} to {self.name}"
             if self._send_broken is not None:
-                raise RuntimeError(
-                    f"the link to {self.name} is out of step since a send failed "
-                    f"({self._send_broken!r}); recreate the process group to recover"
-                ) from self._send_broken
+                self._refuse_send("waiting for ring room")
             # hops waiting for room go first: a hop is placed directly only after all of them
             r = None
             if not self._backlog:
                 r = self._send_ring.reserve(inline_len, what=what, wait=False)
             if r is None:
                 buf_base = self.send_pool.get(inline_len)
-                r = _Staged(buf_base[:inline_len], inline_len)
+                r = _Staged(
+                    buf_base[:inline_len],
+                    inline_len,
+                    what,
+                    timeout if timeout is not None else self.timeout,
+                )
             try:
                 slot = r.payload
                 ptr = slot.data_ptr()
@@ -727,8 +735,6 @@ class Link:
                 works.append(r)
                 keep.append(r.payload)
                 pooled = [buf_base]
-                r.what = what
-                r.timeout = timeout if timeout is not None else self.timeout
                 self._backlog.append(r)
                 if self._backlog_thread is None:
                     self._backlog_thread = threading.Thread(
@@ -756,6 +762,13 @@ class Link:
         if works:
             REAPER.add(handle)
         return handle
+
+    def _refuse_send(self, how: str) -> None:
+        e = self._send_broken
+        raise RuntimeError(
+            f"the link to {self.name} is out of step since a send failed {how} ({e!r}); "
+            "recreate the process group to recover"
+        ) from e
 
     def _run_backlog(self) -> None:
         """Moves staged hops into the peer's ring in order, each once there is room."""
@@ -849,6 +862,11 @@ class Link:
             q.append(inc)
         return inc
 
+    def _recv_buffer(self, n: int) -> torch.Tensor:
+        """A receive-pool buffer of exactly ``n`` bytes (sliced only when the pool's is larger)."""
+        buf = self.recv_pool.get(n)
+        return buf if buf.numel() == n else buf[:n]
+
     def _prepare(self, inc: _Incoming) -> None:
         """Makes ready the buffer and views for a hop like the previous one (see _Prepared)."""
         last = self._rx_last
@@ -856,17 +874,12 @@ class Link:
             return
         kind, off, n_cpu, n_whole, layout = last
         if kind == "copy" and self.recv_mode == "dist":
-            cpu = self.recv_pool.get(n_cpu)
-            if cpu.numel() != n_cpu:
-                cpu = cpu[:n_cpu]
-            inc.pre = _Prepared(kind, None, 0, cpu, 0, n_cpu, layout)
+            inc.pre = _Prepared(kind, None, self._recv_buffer(n_cpu), 0, n_cpu, layout)
         elif kind == "head" and inc.buf is not None:
-            inc.pre = _Prepared(kind, inc.buf, 0, inc.buf[off : off + n_cpu], off, n_cpu, layout)
+            inc.pre = _Prepared(kind, inc.buf, inc.buf[off : off + n_cpu], off, n_cpu, layout)
         elif kind == "ring" and self.recv_mode == "shm":
-            whole = self.recv_pool.get(n_whole)
-            if whole.numel() != n_whole:
-                whole = whole[:n_whole]
-            inc.pre = _Prepared(kind, whole, n_whole, whole[off : off + n_cpu], off, n_cpu, layout)
+            whole = self._recv_buffer(n_whole)
+            inc.pre = _Prepared(kind, whole, whole[off : off + n_cpu], off, n_cpu, layout)
 
     def _post_head(self, inc: _Incoming) -> None:
         # a view, not the pooled tensor itself: it counts as a reader of the buffer until the
@@ -1045,10 +1058,10 @@ class Link:
             copied = n_held > 2 or (n_held == 2 and 2 * grown > self._ring.grow_budget)
         if copied:
             pre = inc.pre
-            if pre is not None and pre.kind == "ring" and pre.n_whole == n:
+            if pre is not None and pre.kind == "ring" and pre.whole.numel() == n:
                 copy = pre.whole
             else:
-                copy = self.recv_pool.get(n)[:n]
+                copy = self._recv_buffer(n)
             _memmove(copy.data_ptr(), slot.data_ptr(), n)
             head = copy
         del slot
@@ -1101,7 +1114,7 @@ class Link:
                 rest = torch.empty(frame.body_len - frame.body_in_head, dtype=torch.uint8)
                 rest_work = transport.irecv(rest, self.peer_global, cg, DATA_TAG, what, self._cpeer)
             if frame.cpu_nbytes and not frame.inline:
-                cpu = self.recv_pool.get(frame.cpu_nbytes)[: frame.cpu_nbytes]
+                cpu = self._recv_buffer(frame.cpu_nbytes)
                 for s, e in frame.cpu_chunks():
                     works.append(
                         transport.irecv(cpu[s:e], self.peer_global, cg, DATA_TAG, what, self._cpeer)
@@ -1127,27 +1140,15 @@ class Link:
         kind = None
         if n_cpu and frame.inline:
             off = frame.cpu_offset
-            if copy_out and n_cpu * _COPY_OUT_RATIO < self.head_bytes:
-                kind = "copy"
-                if pre is None or pre.kind != kind or pre.n_cpu != n_cpu:
-                    pre = None
-                    cpu = self.recv_pool.get(n_cpu)[:n_cpu]
-                else:
-                    cpu = pre.cpu
-                _memmove(cpu.data_ptr(), head_ptr + off, n_cpu)
+            copied = copy_out and n_cpu * _COPY_OUT_RATIO < self.head_bytes
+            kind = "copy" if copied else "ring" if ring_copy else "head"
+            if pre is not None and pre.fits(kind, None if copied else head, off, n_cpu):
+                cpu = pre.cpu
             else:
-                kind = "ring" if ring_copy else "head"
-                if (
-                    pre is None
-                    or pre.kind != kind
-                    or pre.whole is not head
-                    or pre.off != off
-                    or pre.n_cpu != n_cpu
-                ):
-                    pre = None
-                    cpu = head[off : off + n_cpu]
-                else:
-                    cpu = pre.cpu
+                pre = None
+                cpu = self._recv_buffer(n_cpu) if copied else head[off : off + n_cpu]
+            if copied:
+                _memmove(cpu.data_ptr(), head_ptr + off, n_cpu)
             buffers["cpu"] = cpu
         else:
             pre = None
