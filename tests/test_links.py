@@ -476,17 +476,17 @@ def _memory_body(rank: int, world: int, transport: str, hops: int, hidden: int, 
     tokens = torch.randint(1000, 4001, (hops,), generator=g).tolist()
     warm = 10
     base = None
+    # the sender's tensors are views of one buffer made up front: fresh tensors every hop would
+    # add what glibc's heap keeps of them (8-40 MiB here from run to run, the caller's memory,
+    # bench/NOTES.md item 27), and this test is about the memory pipepack holds
+    src = torch.ones(2 * max(tokens) * hidden, dtype=torch.bfloat16) if rank == 0 else None
     for i, t in enumerate(tokens):
         if i == warm:
             gc.collect()
             base = _rss()
         if rank == 0:
-            send_tensor_dict(
-                {
-                    "h": torch.empty(t, hidden, dtype=torch.bfloat16),
-                    "r": torch.empty(t, hidden, dtype=torch.bfloat16),
-                }
-            )
+            n = t * hidden
+            send_tensor_dict({"h": src[:n].view(t, hidden), "r": src[n : 2 * n].view(t, hidden)})
         else:
             got = recv_tensor_dict()
             assert got["h"].shape == (t, hidden)
