@@ -79,6 +79,9 @@ _HELLO = struct.Struct("<4sHHIIQ32sH")  # ... host id, ring name length; the nam
 _HELLO_MAGIC = b"PPKH"
 _COPY_OUT_RATIO = 4  # a received hop never pins a head buffer more than 4x its own size
 _SHM_COPY_OUT = 256 << 10  # smaller shared-memory hops are copied out: they never hold a slot
+# the handle of every hop published straight into the peer's ring with no device payload: such a
+# hop is complete when the send returns, so they share one completed handle
+_PLACED = Handle([], what="a hop published in the peer's ring")
 _RING_CALLER_READS = 2  # unread receives on the ring that the caller reads itself (post_async)
 TRANSPORTS = ("auto", "dist", "shm")
 
@@ -750,6 +753,8 @@ class Link:
                     transport.isend(dev_buf, self.peer_global, self.group, 0, what, self._gpeer)
                 )
             self._send_seq += 1
+            if not works:  # published, and nothing else to move: complete already
+                return _PLACED
             handle = Handle(
                 works,
                 keep,
@@ -757,10 +762,8 @@ class Link:
                 timeout=timeout,
                 on_done=lambda h, pooled=pooled: self._on_sent(h, pooled),
             )
-            if works:
-                self._sent.append(handle)
-        if works:
-            REAPER.add(handle)
+            self._sent.append(handle)
+        REAPER.add(handle)
         return handle
 
     def _refuse_send(self, how: str) -> None:
