@@ -264,6 +264,63 @@ def test_threads_both_ways_mixed_calls_random_hops(transport: str, receivers: in
     run_ranks(2, _mixed_body, transport, 3, receivers, 60, timeout_s=TIMEOUT_S)
 
 
+def _channel_mixed_body(rank: int, world: int, transport: str, senders: int, n: int) -> None:
+    _use(transport)
+    if rank == 0:
+        ch = TensorDictChannel(1, transport=transport)
+        errors: list[str] = []
+
+        def sender(tid: int) -> None:
+            r = random.Random(tid)
+            try:
+                for seq in range(n):
+                    d = _mixed_hop(tid, seq)
+                    if r.random() < 0.6:
+                        ch.isend(d)
+                    else:
+                        ch.send(d)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(f"sender {tid}: {e!r}")
+
+        threads = [threading.Thread(target=sender, args=(i,)) for i in range(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        ch.drain(TIMEOUT_S)
+        return
+    ch = TensorDictChannel(0, transport=transport, timeout=TIMEOUT_S)
+    r = random.Random(7)
+    seen: dict[int, list[int]] = collections.defaultdict(list)
+    posted: collections.deque = collections.deque()
+    left = senders * n
+    while left:
+        while len(posted) < min(left, r.randrange(1, 5)):
+            posted.append(ch.irecv())
+        pending = posted.popleft()
+        while True:  # a short wait raises TimeoutError and leaves the receive posted
+            try:
+                d = pending.wait(timeout=r.choice([0.0005, 0.005, 0.05, None]))
+                break
+            except TimeoutError as e:
+                assert "rank 0" in str(e), str(e)
+        left -= 1
+        tid, seq = d["id"].tolist()
+        check_dict(d, _mixed_hop(tid, seq))
+        seen[tid].append(seq)
+    assert dict(seen) == {t: list(range(n)) for t in range(senders)}, seen
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_channel_threads_with_receives_posted_ahead_and_short_waits(transport: str) -> None:
+    """Three threads send on one channel, blocking or posted at random; the receiver keeps one
+    to four receives posted and waits on each with timeouts from 0.5 ms to none, waiting again
+    after every TimeoutError: each hop arrives exact, each thread's in its order."""
+    run_ranks(2, _channel_mixed_body, transport, 3, 40, timeout_s=TIMEOUT_S)
+
+
 # ---------------------------------------------------------------------------------------------
 # peers configured differently
 # ---------------------------------------------------------------------------------------------
