@@ -728,6 +728,17 @@ _EXIT_SCRIPT = textwrap.dedent("""
         elif how == "isend_burst_then_exit":  # more than the ring's 4 slots, none received yet
             for _ in range(10):
                 isend_tensor_dict(d)
+        elif how == "threads_isend_then_exit":  # three threads post, the main thread exits
+            import threading
+
+            ts = [
+                threading.Thread(target=lambda: [isend_tensor_dict(d) for _ in range(4)])
+                for _ in range(3)
+            ]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
         else:  # isend, then a normal interpreter exit: the atexit hook flushes
             isend_tensor_dict(d)
             isend_tensor_dict(d)
@@ -742,7 +753,8 @@ _EXIT_SCRIPT = textwrap.dedent("""
         shm.sweep_stale()
     if how == "isend_burst_then_exit":
         time.sleep(1.0)  # the sender is at its exit by now, its later hops still on its side
-    for _ in range({"isend_then_exit": 2, "isend_burst_then_exit": 10}.get(how, 1)):
+    n = {"isend_then_exit": 2, "isend_burst_then_exit": 10, "threads_isend_then_exit": 12}
+    for _ in range(n.get(how, 1)):
         got = recv_tensor_dict()
         assert got["s"] == "last" and torch.equal(got["x"], d["x"]), "wrong bytes"
         if how == "isend_burst_then_exit":
@@ -756,7 +768,13 @@ _EXIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(
     "how",
-    ["blocking_then_destroy", "isend_then_exit", "isend_burst_then_exit", "flush_then_os_exit"],
+    [
+        "blocking_then_destroy",
+        "isend_then_exit",
+        "isend_burst_then_exit",
+        "threads_isend_then_exit",
+        "flush_then_os_exit",
+    ],
 )
 def test_nothing_is_lost_when_the_sender_exits_right_after(
     how: str, transport: str, tmp_path
