@@ -32,6 +32,7 @@ __all__ = ["BufferPool", "size_class", "SMALL", "MAPPED"]
 SMALL = 64 << 10
 _MAX_TRACKED = 64
 _SCAN = 8  # handed-out buffers checked per request that found nothing idle
+MAPPED = 1 << 20  # buffers of this size or more are mappings of their own (see above)
 
 
 def _alloc(n: int) -> torch.Tensor:
@@ -39,9 +40,6 @@ def _alloc(n: int) -> torch.Tensor:
     if n >= MAPPED:
         return torch.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
     return torch.empty(n, dtype=torch.uint8)
-
-
-MAPPED = 1 << 20
 
 
 def size_class(n: int) -> int:
