@@ -79,6 +79,10 @@ _HELLO = struct.Struct("<4sHHIIQ32sH")  # ... host id, ring name length; the nam
 _HELLO_MAGIC = b"PPKH"
 _COPY_OUT_RATIO = 4  # a received hop never pins a head buffer more than 4x its own size
 _SHM_COPY_OUT = 256 << 10  # smaller shared-memory hops are copied out: they never hold a slot
+#: the receive ring of a same-host link: up to RING_SLOTS hops in flight, each slot RING_SLOT_BYTES
+#: inline or a grown segment of its own (pp/shm.py, "Slots that grow" and "Memory bound")
+RING_SLOTS = 4
+RING_SLOT_BYTES = 1 << 20
 # the handle of every hop published straight into the peer's ring with no device payload: such a
 # hop is complete when the send returns, so they share one completed handle
 _PLACED = Handle([], what="a hop published in the peer's ring")
@@ -401,10 +405,11 @@ class Link:
             self.recv_mode = "dist"
             return b""
         try:
-            # 4 slots of 1 MiB; a bigger hop gets a grown segment, all of them together bounded
-            # by the ring's memory bound (pp/shm.py, "Memory bound")
             self._ring = shm.RecvRing(
-                slots=4, slot_bytes=1 << 20, meta_bytes=0, max_hop_bytes=self.head_limit_shm
+                slots=RING_SLOTS,
+                slot_bytes=RING_SLOT_BYTES,
+                meta_bytes=0,
+                max_hop_bytes=self.head_limit_shm,
             )
         except OSError as e:  # e.g. a small /dev/shm in a container
             if self.transport == "shm":
