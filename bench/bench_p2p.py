@@ -23,7 +23,9 @@ half the round trip. Modes, each written after what the system it names does:
   floor             one raw message of the same total bytes, size known ahead.
   packed_shm, packed_static_shm
                     the same two pipepack modes over the same-host transport (the peer's
-                    shared-memory ring) instead of torch.distributed.
+                    shared-memory ring) instead of torch.distributed: what the default
+                    transport ("auto") picks when both ranks are on one host. ``packed`` pins
+                    transport="dist", the path of ranks on different hosts.
   sglang, vllm      the engines' own GroupCoordinator transport, written from what they send
                     (pipepack.testing.baselines): sglang's async send + blocking receive, vLLM's
                     blocking pair.
