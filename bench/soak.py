@@ -21,7 +21,16 @@ side (peak minus the RSS before the first hop) reported. ::
 
     python bench/soak.py --run varying --hops 200 --hidden 4096 [--transport dist|shm|auto]
 
-``tests/test_soak.py`` runs both and asserts on the samples; this script prints them.
+``serving`` -- a stage hop as a serving engine makes it, for ``--minutes`` (or ``--hops``
+steps): rank 0 sends ``hidden_states`` and ``residual`` (``[T, hidden]`` bf16), ``positions`` and
+a small dict, with T drawn every step (85% decode, 1..256 tokens; 15% prefill, 257..4096), every
+tensor made fresh; rank 1 checks every byte and sends ``next_token_ids`` back, which rank 0
+checks. Every ``--sample-s`` seconds each rank records its RSS, threads, open descriptors and
+pipepack's files in ``/dev/shm``. ::
+
+    python bench/soak.py --run serving --minutes 50 [--transport dist|shm|auto]
+
+``tests/test_soak.py`` runs all three and asserts on the samples; this script prints them.
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ import collections
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -255,6 +266,133 @@ def varying_rank(
         )
 
 
+def draw_tokens(rng: random.Random) -> int:
+    """A serving step's token count: mostly decode batches, now and then a prefill."""
+    return rng.randint(1, 256) if rng.random() < 0.85 else rng.randint(257, 4096)
+
+
+def _serving_dict(i: int, tokens: int, hidden: int, stop: bool) -> dict[str, Any]:
+    v = float(i % 251)  # exact in bf16
+    return {
+        "hidden_states": torch.full((tokens, hidden), v, dtype=torch.bfloat16),
+        "residual": torch.full((tokens, hidden), -v, dtype=torch.bfloat16),
+        "positions": torch.arange(i, i + tokens),
+        "meta": {"step": i, "tokens": tokens, "stop": stop},
+    }
+
+
+def _shm_files() -> int:
+    try:
+        return sum(1 for n in os.listdir("/dev/shm") if n.startswith("pipepack"))
+    except OSError:
+        return -1
+
+
+def serving_rank(
+    rank: int,
+    world: int,
+    hops: int,
+    seconds: float,
+    hidden: int,
+    sample_s: float,
+    seed: int,
+    out_dir: str,
+    transport: str = "auto",
+) -> None:
+    """One rank of the serving run (see the module doc); rank 0 decides when it ends and says so
+    in the hop, so both ranks run the same steps."""
+    from pipepack.pp import TensorDictChannel, flush, recv_tensor_dict, send_tensor_dict
+
+    del world
+    peer = 1 - rank
+    ch = TensorDictChannel(peer, transport=transport)  # fixes the link's transport
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    samples = []
+    last = -math.inf
+    i = 0
+    while True:
+        t = draw_tokens(rng)
+        if rank == 0:
+            stop = i + 1 >= hops or time.monotonic() - t0 >= seconds
+            send_tensor_dict(_serving_dict(i, t, hidden, stop), peer)
+            back = recv_tensor_dict(peer)
+            want = torch.arange(min(t, 256)) + i
+            if back.get("step") != i or not torch.equal(back["next_token_ids"], want):
+                raise AssertionError(f"step {i}: wrong reply {back!r}")
+            del back
+        else:
+            got = recv_tensor_dict(peer)
+            meta = got["meta"]
+            if meta["step"] != i or meta["tokens"] != t:
+                raise AssertionError(f"step {meta['step']} ({meta['tokens']}) where {i} was due")
+            v = float(i % 251)
+            h, r, pos = got["hidden_states"], got["residual"], got["positions"]
+            if h.shape != (t, hidden) or r.shape != (t, hidden):
+                raise AssertionError(f"step {i}: shapes {h.shape} {r.shape}")
+            if not (bool((h == v).all()) and bool((r == -v).all())):
+                raise AssertionError(f"step {i}: wrong activation bytes")
+            if not torch.equal(pos, torch.arange(i, i + t)):
+                raise AssertionError(f"step {i}: wrong positions")
+            stop = meta["stop"]
+            del got, h, r, pos
+            send_tensor_dict({"next_token_ids": torch.arange(min(t, 256)) + i, "step": i}, peer)
+        i += 1
+        now = time.monotonic()
+        if stop or now - last >= sample_s:
+            last = now
+            samples.append(
+                {
+                    "step": i,
+                    "t_s": now - t0,
+                    "rss_bytes": rss_bytes(),
+                    "threads": threading.active_count(),
+                    "fds": len(os.listdir("/proc/self/fd")),
+                    "shm_files": _shm_files(),
+                }
+            )
+        if stop:
+            break
+    flush(60)
+    with open(os.path.join(out_dir, f"serving{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "transport": ch.transport, "steps": i, "samples": samples}, f)
+
+
+def serving_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """RSS of one side after the first fifth of the run (its warm-up), then the median and the
+    peak of each half of the rest; the threads and descriptors seen."""
+    s = record["samples"]
+    mib = [x["rss_bytes"] / 2**20 for x in s]
+    rest = mib[len(mib) // 5 :] or mib
+    a, b = rest[: len(rest) // 2] or rest, rest[len(rest) // 2 :]
+    return {
+        "steps": record["steps"],
+        "rss_first_mib": round(mib[0], 1),
+        "median_mib": [round(statistics.median(a), 1), round(statistics.median(b), 1)],
+        "peak_mib": [round(max(a), 1), round(max(b), 1)],
+        "threads": sorted({x["threads"] for x in s}),
+        "fds": sorted({x["fds"] for x in s}),
+        "shm_files": sorted({x["shm_files"] for x in s}),
+    }
+
+
+def run_serving(
+    seconds: float,
+    hops: int = 1 << 62,
+    hidden: int = 4096,
+    sample_s: float = 30.0,
+    seed: int = 0,
+    transport: str = "auto",
+) -> dict[int, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as out:
+        _launch(
+            serving_rank,
+            (hops, seconds, hidden, sample_s, seed, out, transport),
+            seconds + 300.0,
+        )
+        return {r: json.load(open(os.path.join(out, f"serving{r}.json"))) for r in range(2)}
+
+
 def _launch(fn: Any, args: tuple, timeout_s: float) -> None:
     from pipepack.testing import run_ranks
 
@@ -310,11 +448,13 @@ def table(samples: dict[int, list[Sample]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", choices=("steady", "varying"), default="steady")
+    p.add_argument("--run", choices=("steady", "varying", "serving"), default="steady")
     p.add_argument("--hops", type=int, default=None, help="default: 10000 (steady), 200 (varying)")
     p.add_argument("--depth", type=int, default=3, help="micro-batches in flight (steady)")
     p.add_argument("--every", type=int, default=500, help="sample every N hops (steady)")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size (varying)")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size (varying, serving)")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the serving run")
+    p.add_argument("--sample-s", type=float, default=30.0, help="sampling period (serving)")
     p.add_argument("--seed", type=int, default=0, help="token-count draws (varying)")
     p.add_argument("--transport", choices=("auto", "dist", "shm"), default="auto")
     p.add_argument("--out", help="write every sample (and versions) to this JSON file")
@@ -344,6 +484,24 @@ def main(argv: list[str] | None = None) -> int:
             "depth": args.depth,
             "samples": {r: [asdict(s) for s in v] for r, v in samples.items()},
         }
+    elif args.run == "serving":
+        res = run_serving(
+            args.minutes * 60,
+            args.hops or 1 << 62,
+            args.hidden,
+            args.sample_s,
+            args.seed,
+            args.transport,
+        )
+        wall = time.monotonic() - t0
+        print(
+            f"# serving: {res[0]['steps']} steps of [T, {args.hidden}] bf16 x 2 + ids back, "
+            f"{args.transport} (now {res[0]['transport']}), {wall:.0f} s"
+        )
+        summary = {r: serving_summary(res[r]) for r in (0, 1)}
+        for r in (0, 1):
+            print(("sender", "receiver")[r], summary[r])
+        record = {**meta, "hidden": args.hidden, "summary": summary, "results": res}
     else:
         hops = args.hops or 200
         res = run_varying(hops, args.hidden, args.seed, args.transport)

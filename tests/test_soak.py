@@ -4,6 +4,9 @@
   hop. After warm-up, resident memory stays flat, threads and live tensors do not grow, the
   link's pools stay under their byte caps, the send reaper drains, and every hop arrives in
   order with its own bytes. 10 000 hops under the ``slow`` marker, 1 500 in the default run.
+- serving: a round trip per step as an engine's stage makes it (activations with a token count
+  drawn every step, fresh tensors, token ids back), every byte checked on both ends; no RSS
+  trend between the two halves of the run after warm-up, threads and descriptors bounded.
 - varying: blocking hops of two ``[T, hidden]`` bf16 keys with T drawn from 1000..4000 on every
   hop; the RSS growth of each side stays within 300 MiB (issue 9: 200 hops at hidden 4096,
   under the ``slow`` marker; the default run: 40 such hops over the same-host ring).
@@ -136,3 +139,29 @@ def test_varying_token_counts_200_hops_rss_growth_per_side(transport: str) -> No
     """Issue 9: 200 hops, T in 1000..4000 drawn each hop, hidden 4096 bf16, 2 keys: RSS grows
     by at most 300 MiB per side."""
     _varying(200, 4096, transport, budget_mib=300)
+
+
+@pytest.mark.parametrize("transport", ["dist", "auto"])
+def test_serving_loop_exact_with_no_memory_trend(transport: str) -> None:
+    """1500 steps (hidden 256: up to 4 MiB a hop, ~0.4 MiB on average): both ends check every
+    byte; after the first fifth, the second half's RSS peak stays within the ring's slots x the
+    largest hop plus one hop of the first half's (keeping every hop would add ~300 MiB), and the
+    thread and descriptor counts stay within a few of where they were."""
+    soak = _load_soak()
+    import pipepack.pp.link as link_mod
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_ranks(2, soak.serving_rank, 1500, 600.0, 256, 0.25, 3, tmp, transport, timeout_s=600)
+        res = {r: json.load(open(os.path.join(tmp, f"serving{r}.json"))) for r in range(2)}
+    largest = 4096 * 256 * 2 * 2
+    slack = (link_mod.RING_SLOTS + 1) * largest / 2**20
+    for r in (0, 1):
+        assert res[r]["steps"] == 1500
+        if transport == "dist":
+            assert res[r]["transport"] == "dist"
+        sm = soak.serving_summary(res[r])
+        assert len(res[r]["samples"]) >= 10, sm
+        first, second = sm["peak_mib"]
+        assert second <= first + slack, (r, sm)
+        assert max(sm["threads"]) - min(sm["threads"]) <= 2, (r, sm)
+        assert max(sm["fds"]) - min(sm["fds"]) <= 8, (r, sm)
