@@ -151,7 +151,7 @@ def test_serving_loop_exact_with_no_memory_trend(transport: str) -> None:
     import pipepack.pp.link as link_mod
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_ranks(2, soak.serving_rank, 1500, 600.0, 256, 0.25, 3, tmp, transport, timeout_s=600)
+        run_ranks(2, soak.serving_rank, 1500, 600.0, 256, 0.05, 3, tmp, transport, timeout_s=600)
         res = {r: json.load(open(os.path.join(tmp, f"serving{r}.json"))) for r in range(2)}
     largest = 4096 * 256 * 2 * 2
     slack = (link_mod.RING_SLOTS + 1) * largest / 2**20
